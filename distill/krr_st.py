@@ -1,0 +1,136 @@
+"""KRR-ST: kernel ridge regression on self-supervised targets.
+
+Learns synthetic images X_s (n, H, W, C) and target representations Y_s
+(n, d) such that, for feature extractors f drawn from a model pool, the
+closed-form ridge head fitted on (f(X_s), Y_s) predicts the teacher's
+representation g(x) of real images x well:
+
+    loss = mean_{x in B, dims} (g(aug(x)) - K_ts (K_ss + lambda I)^-1 Y_s)^2
+
+with K on [f(.), 1]. The gradient flows into X_s (through K_ss and K_ts) and
+into Y_s; real-image features carry none.
+
+The method is a small object with `init` and a jitted pure `step`:
+    state = method.init(rng, images, targets)
+    state, metrics = method.step(state, real_uint8_batch, rng, teacher_vars)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from distill import augment, pool as pool_lib
+from distill.models import build_model
+from kernels.ridge import krr_predict, with_bias
+
+
+def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam(W) on images and targets, each with its own linearly decaying lr."""
+  def adam(lr):
+    schedule = optax.linear_schedule(lr, 0.0, max(cfg.steps, 1))
+    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  tx = optax.multi_transform({"images": adam(cfg.lr_images), "targets": adam(cfg.lr_targets)},
+                             {"images": "images", "targets": "targets"})
+  if cfg.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return tx
+
+
+def krr_outer_loss(features_fn, params, synthetic: dict, phi_real: jax.Array,
+                   target_real: jax.Array, reg: float, scaling: str):
+  """The KRR-ST outer loss for one feature extractor.
+
+  Args:
+    features_fn: (params, x) -> (B, p) features.
+    params: the extractor's parameters.
+    synthetic: {"images": (n, H, W, C), "targets": (n, d)}.
+    phi_real: (B, p + 1) real features with bias column (no gradient).
+    target_real: (B, d) teacher representations of the same real images.
+    reg, scaling: ridge settings (kernels/ridge.py).
+
+  Returns:
+    (scalar loss, SolveInfo).
+  """
+  phi_syn = with_bias(features_fn(params, synthetic["images"]))
+  pred, info = krr_predict(phi_syn, synthetic["targets"], phi_real, reg, scaling=scaling)
+  return jnp.mean((target_real - pred) ** 2), info
+
+
+class KRRST:
+  """KRR-ST distillation with a pool of ConvNet feature extractors."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, image_shape, target_dim: int,
+               teacher_model: nn.Module, mean, std):
+    """Binds the settings.
+
+    Args:
+      cfg: the `distill` section of the config.
+      image_shape: (H, W, C) of the source images.
+      target_dim: d, the teacher's representation width.
+      teacher_model: the teacher network (its variables come with each step).
+      mean, std: (C,) normalisation of the source images.
+    """
+    self.cfg = cfg
+    self.mean = jnp.asarray(mean, jnp.float32)
+    self.std = jnp.asarray(std, jnp.float32)
+    pool_model = build_model(cfg.pool.arch, num_outputs=target_dim)
+    self.pool_fns = pool_lib.make_pool_fns(pool_model, image_shape, cfg.pool.lr,
+                                           cfg.pool.momentum)
+    self.teacher_model = teacher_model
+    self.optimizer = outer_optimizer(cfg)
+    # The state is donated: its buffers are reused for the next state.
+    self.step = jax.jit(self._step, donate_argnums=0)
+
+  def init(self, rng: jax.Array, images: jax.Array, targets: jax.Array,
+           warm_up: bool = True) -> dict:
+    """Initial state from real images (n, H, W, C) and their teacher targets (n, d).
+
+    `warm_up=False` skips training the pool to its initial ages (for a state
+    that only serves as the template of a checkpoint restore).
+    """
+    synthetic = {"images": jnp.asarray(images, jnp.float32),
+                 "targets": jnp.asarray(targets, jnp.float32)}
+    pool = pool_lib.init_pool(self.pool_fns, rng, self.cfg.pool.size, self.cfg.pool.max_age,
+                              synthetic["images"], synthetic["targets"],
+                              self.cfg.pool.init_age, warm_up=warm_up)
+    return {"synthetic": synthetic, "opt_state": self.optimizer.init(synthetic), "pool": pool}
+
+  def real_views(self, rng, batch_uint8):
+    """(B, H, W, C) uint8 -> normalised, optionally augmented float images."""
+    x = (batch_uint8.astype(jnp.float32) / 255.0 - self.mean) / self.std
+    return augment.random_crop_flip(rng, x) if self.cfg.augment_real else x
+
+  def _step(self, state: dict, batch_uint8: jax.Array, rng: jax.Array, teacher_vars):
+    cfg = self.cfg
+    k_pick, k_aug, k_reset = jax.random.split(rng, 3)
+    index = jax.random.randint(k_pick, (), 0, cfg.pool.size)
+    params = pool_lib.pool_member(state["pool"], index)
+    x_real = self.real_views(k_aug, batch_uint8)
+    target_real = self.teacher_model.apply(teacher_vars, x_real, train=False)[0]
+    phi_real = with_bias(self.pool_fns.features(params, x_real))
+    loss_fn = functools.partial(krr_outer_loss, self.pool_fns.features, params,
+                                phi_real=jax.lax.stop_gradient(phi_real),
+                                target_real=jax.lax.stop_gradient(target_real),
+                                reg=cfg.reg, scaling=cfg.reg_scaling)
+    (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["synthetic"])
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["synthetic"])
+    synthetic = optax.apply_updates(state["synthetic"], updates)
+    pool, inner_loss = pool_lib.advance(self.pool_fns, state["pool"], index,
+                                        synthetic["images"], synthetic["targets"],
+                                        cfg.pool.max_age, k_reset)
+    metrics = {
+        "loss": loss,
+        "grad_norm_images": optax.global_norm(grads["images"]),
+        "grad_norm_targets": optax.global_norm(grads["targets"]),
+        "inner_loss": inner_loss,
+        "solve_ok": info.ok.astype(jnp.float32),
+        "jitter": info.jitter,
+        "mean_age": jnp.mean(pool["ages"].astype(jnp.float32)),
+    }
+    return {"synthetic": synthetic, "opt_state": opt_state, "pool": pool}, metrics

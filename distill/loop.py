@@ -1,0 +1,162 @@
+"""The one training loop: progress, checkpoints, resume, finiteness checks.
+
+Every long job (teacher, KRR-ST, pretraining) is `run_loop` over a pure
+`step_fn(state, batch, rng) -> (state, metrics)`. Batches and per-step keys
+are functions of the step number alone, so a run killed at any point and
+resumed from its last checkpoint continues exactly as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from distill.errors import DistillError
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+  """Indices of the batch at `step` of a seeded, epoch-wise shuffle.
+
+  Args:
+    seed: shuffle seed. step: global step. n: dataset size.
+    batch_size: batch size; if >= n every batch is the whole (shuffled) set.
+
+  Returns:
+    (min(batch_size, n),) int64 indices; a pure function of its arguments.
+  """
+  if batch_size >= n:
+    return np.random.default_rng([seed, step]).permutation(n)
+  steps_per_epoch = n // batch_size  # drop the ragged last batch
+  epoch, i = divmod(step, steps_per_epoch)
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def _format_time(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Checkpointer:
+  """Keeps the last few checkpoints of a pytree state under `directory`."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, like: Any) -> Any:
+    abstract = jax.tree.map(np.asarray, like)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def run_loop(*, name: str, workdir: str, state: Any,
+             step_fn: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
+             batch_fn: Callable[[int], Any], num_steps: int, rng: jax.Array,
+             log_every: int = 100, checkpoint_every: int = 1000,
+             check_fn: Callable[[int, dict], None] | None = None,
+             quiet: bool = False) -> tuple[Any, list[dict]]:
+  """Runs `num_steps` steps with progress, checkpoints and resume.
+
+  Args:
+    name: job name; checkpoints in `workdir/name/ckpt`, metrics in
+      `workdir/name/metrics.jsonl`.
+    workdir: job directory.
+    state: initial state pytree (arrays only; used as the restore template).
+    step_fn: `(state, batch, rng) -> (state, metrics)`, usually jitted.
+    batch_fn: `step -> batch`, deterministic in `step`.
+    num_steps: total steps of the job (not of this call).
+    rng: base key; step `i` gets `fold_in(rng, i)`.
+    log_every: steps between progress lines and metric records.
+    checkpoint_every: steps between checkpoints (0: only at the end).
+    check_fn: `(step, metrics) -> None`, may raise DistillError; called at
+      each log point on host-side metrics.
+    quiet: no progress lines.
+
+  Returns:
+    (final state, list of the logged metric dicts of this job).
+
+  Raises:
+    DistillError: a non-finite loss, or whatever `check_fn` raises.
+  """
+  job_dir = os.path.join(workdir, name)
+  os.makedirs(job_dir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(job_dir, "ckpt"))
+  metrics_path = os.path.join(job_dir, "metrics.jsonl")
+  start = ckpt.latest_step() or 0
+  history = _read_history(metrics_path, upto=start)
+  if start:
+    state = ckpt.restore(start, state)
+    if not quiet:
+      print(f"[{name}] resumed from step {start}/{num_steps}", flush=True)
+  last_saved = start
+  t_last, s_last, t_start = time.perf_counter(), start, time.perf_counter()
+  with open(metrics_path, "w") as f:
+    for record in history:
+      f.write(json.dumps(record) + "\n")
+  for step in range(start, num_steps):
+    state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      record.update(step=done, steps_per_s=(done - s_last) / max(now - t_last, 1e-9),
+                    elapsed_s=now - t_start)
+      t_last, s_last = now, done
+      if "loss" in record and not np.isfinite(record["loss"]):
+        raise DistillError(
+            f"[{name}] loss became {record['loss']} at step {done}; last checkpoint "
+            f"at step {last_saved} in {job_dir}; lower the learning rate or raise "
+            f"the regularisation")
+      if check_fn is not None:
+        check_fn(done, record)
+      history.append(record)
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      if not quiet:
+        eta = (num_steps - done) / max(record["steps_per_s"], 1e-9)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                          if k not in ("step", "steps_per_s", "elapsed_s"))
+        print(f"[{name}] step {done}/{num_steps}  {shown}  "
+              f"{record['steps_per_s']:.2f} steps/s  ETA {_format_time(eta)}", flush=True)
+    if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps:
+      ckpt.save(done, state)
+      last_saved = done
+  return state, history
+
+
+def _read_history(path: str, upto: int) -> list[dict]:
+  """Metric records of an earlier run, up to the step it is resumed from."""
+  if not upto or not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break  # a line cut by a kill
+      if record.get("step", 0) <= upto:
+        records.append(record)
+  return records
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,165 @@
+"""Networks: the distillation ConvNet and CIFAR-stem ResNets.
+
+Every model maps NHWC float images to `(features, outputs)`: `features` is
+the penultimate representation (what KRR-ST regresses on and what linear
+probes read), `outputs` the linear head (`num_outputs` wide) or `None` when
+`num_outputs == 0`.
+
+Normalisation layers:
+  * "instance" (default of the ConvNet, as in the distillation literature):
+    per-sample, per-channel; no state, so pool models stay pure pytrees.
+  * "batch": flax BatchNorm with running statistics in the `batch_stats`
+    collection (the ResNets' default); `apply_model` threads it.
+  * "layer", "none".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from distill.errors import DistillError
+
+NORMS = ("instance", "batch", "layer", "none")
+
+
+def _norm_layer(norm: str, train: bool) -> Callable[[jax.Array], jax.Array]:
+  if norm == "instance":
+    # GroupNorm with one channel per group normalises each (sample, channel)
+    # over space: instance norm with a learnable affine.
+    return lambda x: nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5)(x)
+  if norm == "batch":
+    return lambda x: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                  epsilon=1e-5)(x)
+  if norm == "layer":
+    return lambda x: nn.LayerNorm(epsilon=1e-5)(x)
+  if norm == "none":
+    return lambda x: x
+  raise DistillError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+class ConvNet(nn.Module):
+  """conv3x3 - norm - relu - avgpool2x2 blocks, then flatten.
+
+  With width 128 and depth 3 at 32x32 the features are 4*4*128 = 2048 wide.
+  """
+  width: int = 128
+  depth: int = 3
+  norm: str = "instance"
+  num_outputs: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    for _ in range(self.depth):
+      x = nn.Conv(self.width, (3, 3), padding="SAME")(x)
+      x = _norm_layer(self.norm, train)(x)
+      x = nn.relu(x)
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    features = x.reshape((x.shape[0], -1))
+    outputs = nn.Dense(self.num_outputs)(features) if self.num_outputs else None
+    return features, outputs
+
+
+class _BasicBlock(nn.Module):
+  channels: int
+  stride: int
+  norm: str
+
+  @nn.compact
+  def __call__(self, x, train):
+    residual = x
+    y = nn.Conv(self.channels, (3, 3), strides=self.stride, padding="SAME",
+                use_bias=False)(x)
+    y = nn.relu(_norm_layer(self.norm, train)(y))
+    y = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)(y)
+    y = _norm_layer(self.norm, train)(y)
+    if residual.shape != y.shape:
+      residual = nn.Conv(self.channels, (1, 1), strides=self.stride,
+                         use_bias=False)(residual)
+      residual = _norm_layer(self.norm, train)(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """ResNet with the CIFAR stem (3x3 conv, no max-pool); global-average features."""
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+  norm: str = "batch"
+  num_outputs: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False)(x)
+    x = nn.relu(_norm_layer(self.norm, train)(x))
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = _BasicBlock(self.width * 2**i, stride, self.norm)(x, train)
+    features = jnp.mean(x, axis=(1, 2))
+    outputs = nn.Dense(self.num_outputs)(features) if self.num_outputs else None
+    return features, outputs
+
+
+ARCHS = ("convnet", "resnet10", "resnet18")
+
+
+def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) -> nn.Module:
+  """Builds a model from an architecture config.
+
+  Args:
+    arch: mapping with `name` in ARCHS, `width`, `norm` and (ConvNet) `depth`.
+      A `norm` of "default" picks instance for the ConvNet, batch for ResNets.
+    num_outputs: width of the linear head; 0 for features only.
+  """
+  name = arch["name"]
+  norm = arch.get("norm", "default")
+  if name == "convnet":
+    return ConvNet(width=arch["width"], depth=arch.get("depth", 3),
+                   norm="instance" if norm == "default" else norm,
+                   num_outputs=num_outputs)
+  if name in ("resnet10", "resnet18"):
+    stages = (1, 1, 1, 1) if name == "resnet10" else (2, 2, 2, 2)
+    return ResNet(stage_sizes=stages, width=arch["width"],
+                  norm="batch" if norm == "default" else norm,
+                  num_outputs=num_outputs)
+  raise DistillError(f"unknown architecture {name!r}; expected one of {ARCHS}")
+
+
+def init_model(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]) -> dict:
+  """Variables ({'params', maybe 'batch_stats'}) for (H, W, C) images."""
+  # Jitted: op-by-op initialisation compiles every primitive separately (slow).
+  init = jax.jit(functools.partial(model.init, train=False))
+  return dict(init(rng, jnp.zeros((1, *image_shape), jnp.float32)))
+
+
+def apply_model(model: nn.Module, variables: dict, x: jax.Array, train: bool):
+  """Runs the model, threading BatchNorm statistics when there are any.
+
+  Returns:
+    (features (B, p), outputs (B, k) or None), updated variables.
+  """
+  if train and "batch_stats" in variables:
+    (features, outputs), updates = model.apply(variables, x, train=True,
+                                               mutable=["batch_stats"])
+    return (features, outputs), {**variables, **updates}
+  return model.apply(variables, x, train=train), variables
+
+
+def feature_fn(model: nn.Module, variables: dict, batch_size: int = 500) -> Callable:
+  """A host-side function mapping (N, H, W, C) arrays to (N, p) features in chunks."""
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+
+  def features(x):
+    chunks = [apply(variables, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return jnp.concatenate(chunks, axis=0)
+
+  return features
+
+
+def num_params(variables: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(variables.get("params", variables)))

@@ -1,0 +1,33 @@
+"""Pictures of results: training curves (image grids live in export.py)."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; set before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_curve(path: str, history: list[dict], key: str, title: str) -> str | None:
+  """Plots `key` against `step` from logged metric records into a PNG.
+
+  Returns the path, or None when there is nothing to plot.
+  """
+  points = [(r["step"], r[key]) for r in history if key in r]
+  if not points:
+    return None
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+  ax.plot(*zip(*points), lw=1.5)
+  ax.set_xlabel("step")
+  ax.set_ylabel(key)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

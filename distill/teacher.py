@@ -1,0 +1,185 @@
+"""Self-supervised teacher: Barlow Twins in JAX.
+
+The teacher g is a backbone (ConvNet or ResNet) trained with the Barlow
+Twins objective on two augmented views of unlabelled source images. Its
+backbone features (the penultimate representation, before the projector)
+are the target representations that KRR-ST and the pretraining stage
+regress onto. The projector is discarded after training.
+
+Artefact (`<workdir>/teacher/`): `variables.msgpack` (backbone variables)
+and `teacher.json` (architecture, image statistics, feature width, probe
+accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from distill import augment
+from distill.errors import DistillError
+from distill.models import apply_model, build_model, init_model
+
+
+class _BatchStandardize(nn.Module):
+  """Standardises over the batch with a learnable affine; no running stats.
+
+  The projector is only used in training, so it never needs running
+  averages, and keeping it stateless keeps the train step simple.
+  """
+  @nn.compact
+  def __call__(self, x):
+    x = (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5)
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    return x * scale + bias
+
+
+class BarlowTwins(nn.Module):
+  """Backbone + projector; returns (backbone features, projections)."""
+  backbone: nn.Module
+  projector: Sequence[int] = (512, 512, 512)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    features, _ = self.backbone(x, train=train)
+    z = features
+    for width in self.projector[:-1]:
+      z = nn.relu(_BatchStandardize()(nn.Dense(width, use_bias=False)(z)))
+    z = nn.Dense(self.projector[-1])(z)
+    return features, z
+
+
+def barlow_twins_loss(z1: jax.Array, z2: jax.Array, lambda_offdiag: float) -> jax.Array:
+  """Barlow Twins loss of two (B, k) projection batches.
+
+  C = z1n^T z2n / B on batch-standardised projections; the loss pushes the
+  diagonal of C to 1 (invariance) and the off-diagonal to 0 (redundancy
+  reduction): sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2.
+  """
+  b = z1.shape[0]
+  standardize = lambda z: (z - z.mean(0)) / (z.std(0) + 1e-5)
+  c = standardize(z1).T @ standardize(z2) / b
+  diag = jnp.diagonal(c)
+  on = jnp.sum((1.0 - diag) ** 2)
+  off = jnp.sum(c ** 2) - jnp.sum(diag ** 2)
+  return on + lambda_offdiag * off
+
+
+def make_train_step(model: BarlowTwins, optimizer: optax.GradientTransformation,
+                    mean, std, lambda_offdiag: float):
+  """A jitted `(state, batch_uint8, rng) -> (state, metrics)` step."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def step(state, batch_uint8, rng):
+    x = (batch_uint8.astype(jnp.float32) / 255.0 - mean) / std
+    k1, k2 = jax.random.split(rng)
+    views = jnp.concatenate([augment.ssl_augment(k1, x, mean, std),
+                             augment.ssl_augment(k2, x, mean, std)])
+
+    def loss_fn(params):
+      variables = {**state["variables"], "params": params}
+      (_, z), variables = apply_model(model, variables, views, train=True)
+      z1, z2 = jnp.split(z, 2)
+      return barlow_twins_loss(z1, z2, lambda_offdiag), variables
+
+    params = state["variables"]["params"]
+    (loss, variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    variables = {**variables, "params": optax.apply_updates(params, updates)}
+    return ({"variables": variables, "opt_state": opt_state},
+            {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, min(cfg.warmup_steps, max(num_steps // 10, 1)), max(num_steps, 2))
+  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+
+def init_state(model: BarlowTwins, optimizer, rng, image_shape) -> dict:
+  variables = init_model(model, rng, image_shape)
+  return {"variables": variables, "opt_state": optimizer.init(variables["params"])}
+
+
+class Teacher(NamedTuple):
+  """A trained teacher: `model.apply(variables, x)[0]` gives (B, dim) features."""
+  model: nn.Module
+  variables: dict
+  mean: np.ndarray         # (C,)
+  std: np.ndarray          # (C,)
+  image_shape: tuple
+  dim: int
+  info: dict
+
+  def features(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """(N, H, W, C) normalised images -> (N, dim) float32 representations."""
+    apply = _feature_apply(self.model)
+    out = [np.asarray(apply(self.variables, jnp.asarray(images[i:i + batch_size])))
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+_APPLY_CACHE: dict = {}
+
+
+def _feature_apply(model):
+  # One jitted function per teacher architecture, reused across calls.
+  if model not in _APPLY_CACHE:
+    _APPLY_CACHE[model] = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  return _APPLY_CACHE[model]
+
+
+def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
+                 image_shape, info: dict) -> None:
+  """Writes the backbone variables and metadata atomically."""
+  os.makedirs(directory, exist_ok=True)
+  backbone = {k: v["backbone"] for k, v in bt_variables.items() if "backbone" in v}
+  meta = dict(arch=dict(arch), mean=[float(m) for m in mean], std=[float(s) for s in std],
+              image_shape=list(image_shape), info=info)
+  _atomic_write(os.path.join(directory, "variables.msgpack"),
+                flax.serialization.msgpack_serialize(jax.device_get(backbone)))
+  _atomic_write(os.path.join(directory, "teacher.json"), json.dumps(meta, indent=1).encode())
+
+
+def load_teacher(directory: str) -> Teacher:
+  meta_path = os.path.join(directory, "teacher.json")
+  vars_path = os.path.join(directory, "variables.msgpack")
+  if not (os.path.isfile(meta_path) and os.path.isfile(vars_path)):
+    raise DistillError(f"no trained teacher in {directory} (expected teacher.json and "
+                       f"variables.msgpack; run `distill teacher` first)")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    with open(vars_path, "rb") as f:
+      variables = flax.serialization.msgpack_restore(f.read())
+  except (ValueError, OSError) as e:
+    raise DistillError(f"teacher files in {directory} are unreadable: {e}") from e
+  model = build_model(meta["arch"])
+  image_shape = tuple(meta["image_shape"])
+  dim = int(model.apply(variables, jnp.zeros((1, *image_shape)))[0].shape[-1])
+  return Teacher(model, variables, np.asarray(meta["mean"], np.float32),
+                 np.asarray(meta["std"], np.float32), image_shape, dim, meta["info"])
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def build_barlow_twins(cfg: ml_collections.ConfigDict) -> BarlowTwins:
+  return BarlowTwins(backbone=build_model(cfg.arch), projector=tuple(cfg.projector))

@@ -1,0 +1,83 @@
+r"""Quick start: the whole pipeline on Fashion-MNIST, offline, on 2 CPU cores.
+
+Command (from the repository root; README's first command does set-up too):
+  distill run --config experiments/configs/fashion_mnist_quickstart.py \
+      --workdir runs/quickstart
+
+Data: Debian's `dataset-fashion-mnist` (IDX files in
+/usr/share/datasets/fashion-mnist). Source = 10k unlabelled training
+images; target = Fashion-MNIST itself (labels used by the probe only).
+
+Expected result: see README.md "Quick start" for the recorded numbers and
+duration of this exact config (teacher probe, then none / random / KRR-ST
+rows, 100 synthetic images).
+
+Variant `:smoke` shrinks everything to seconds for tests; point it at any
+small dataset with --set data.source=... data.target=...
+"""
+
+from distill.config import base_config
+
+
+def get_config(variant: str = ""):
+  c = base_config()
+  c.data.source = "/usr/share/datasets/fashion-mnist"
+  c.data.num_source = 10_000
+  c.data.target = "/usr/share/datasets/fashion-mnist"
+  c.data.num_target_train = 10_000
+  c.data.num_target_test = 5_000
+
+  c.teacher.arch.name = "convnet"
+  c.teacher.arch.width = 32
+  c.teacher.projector = (256, 256)
+  c.teacher.epochs = 8
+  c.teacher.batch_size = 256
+  c.teacher.lr = 2e-3
+  c.teacher.warmup_steps = 50
+
+  c.distill.num_synthetic = 100
+  c.distill.steps = 600
+  c.distill.batch_size = 256
+  c.distill.lr_images = 1e-3
+  c.distill.lr_targets = 1e-3
+  c.distill.reg = 1e-3
+  c.distill.reg_scaling = "trace_over_n"
+  c.distill.pool.size = 4
+  c.distill.pool.max_age = 100
+  c.distill.pool.arch.width = 32
+  c.distill.pool.lr = 0.01
+  c.distill.log_every = 50
+  c.distill.checkpoint_every = 200
+
+  c.pretrain.arch.width = 32
+  c.pretrain.epochs = 300
+  c.pretrain.batch_size = 100
+  c.pretrain.lr = 0.05
+  c.eval.seeds = (0, 1)
+
+  if variant == "smoke":
+    c.data.num_source = 0
+    c.data.num_target_train = 0
+    c.data.num_target_test = 0
+    c.teacher.arch.width = 8
+    c.teacher.arch.depth = 2
+    c.teacher.projector = (32, 32)
+    c.teacher.epochs = 2
+    c.teacher.batch_size = 32
+    c.distill.num_synthetic = 12
+    c.distill.steps = 6
+    c.distill.batch_size = 32
+    c.distill.pool.size = 2
+    c.distill.pool.max_age = 3
+    c.distill.pool.arch.width = 8
+    c.distill.pool.arch.depth = 2
+    c.distill.log_every = 2
+    c.distill.checkpoint_every = 3
+    c.pretrain.arch.width = 8
+    c.pretrain.arch.depth = 2
+    c.pretrain.epochs = 2
+    c.pretrain.batch_size = 12
+    c.eval.seeds = (0,)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; expected '' or 'smoke'")
+  return c

@@ -1,0 +1,1 @@
+"""Pure-JAX kernel and ridge-regression math (no flax models)."""
