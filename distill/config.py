@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=0.0,           # 0 = no clipping of the outer gradient
       reg=1e-6,                # ridge strength, see kernels/ridge.py
       reg_scaling="trace",     # reference convention: reg * trace(K_ss)
+      ridge_form="auto",       # "dual" (n x n), "primal" (p x p) or "auto" (smaller)
       augment_real=True,
       pool=ml_collections.ConfigDict(dict(
           size=10,

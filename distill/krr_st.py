@@ -43,7 +43,7 @@ def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
 
 
 def krr_outer_loss(features_fn, params, synthetic: dict, phi_real: jax.Array,
-                   target_real: jax.Array, reg: float, scaling: str):
+                   target_real: jax.Array, reg: float, scaling: str, form: str = "auto"):
   """The KRR-ST outer loss for one feature extractor.
 
   Args:
@@ -52,13 +52,14 @@ def krr_outer_loss(features_fn, params, synthetic: dict, phi_real: jax.Array,
     synthetic: {"images": (n, H, W, C), "targets": (n, d)}.
     phi_real: (B, p + 1) real features with bias column (no gradient).
     target_real: (B, d) teacher representations of the same real images.
-    reg, scaling: ridge settings (kernels/ridge.py).
+    reg, scaling, form: ridge settings (kernels/ridge.py).
 
   Returns:
     (scalar loss, SolveInfo).
   """
   phi_syn = with_bias(features_fn(params, synthetic["images"]))
-  pred, info = krr_predict(phi_syn, synthetic["targets"], phi_real, reg, scaling=scaling)
+  pred, info = krr_predict(phi_syn, synthetic["targets"], phi_real, reg, scaling=scaling,
+                           form=form)
   return jnp.mean((target_real - pred) ** 2), info
 
 
@@ -117,7 +118,7 @@ class KRRST:
     loss_fn = functools.partial(krr_outer_loss, self.pool_fns.features, params,
                                 phi_real=jax.lax.stop_gradient(phi_real),
                                 target_real=jax.lax.stop_gradient(target_real),
-                                reg=cfg.reg, scaling=cfg.reg_scaling)
+                                reg=cfg.reg, scaling=cfg.reg_scaling, form=cfg.ridge_form)
     (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["synthetic"])
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["synthetic"])
     synthetic = optax.apply_updates(state["synthetic"], updates)

@@ -16,11 +16,13 @@ M * max_age steps every draw would hit a model re-initialised at every use).
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from distill.errors import DistillError
@@ -104,20 +106,25 @@ def init_pool(fns: PoolFns, rng: jax.Array, size: int, max_age: int, images, tar
   return {"params": params, "opt_state": opt_state, "ages": ages}
 
 
-@jax.jit
-def _masked_select(mask, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(
-      mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-
-
 def _train_to_ages(fns, params, opt_state, ages, images, targets):
-  """Trains model m for ages[m] steps: all models stepped together, masked."""
-  step = jax.jit(jax.vmap(fns.inner_step, in_axes=(0, 0, None, None)))
-  for t in range(int(jnp.max(ages))):
-    new_params, new_opt, _ = step(params, opt_state, images, targets)
-    mask = t < ages
-    params = _masked_select(mask, new_params, params)
-    opt_state = _masked_select(mask, new_opt, opt_state)
+  """Trains model m of the stacked pool for ages[m] full-batch steps.
+
+  One model at a time, a host loop over one jitted step: vmapping the
+  models would turn their convolutions into grouped convolutions (slow on
+  CPU) and step every model max(ages) times, and a `fori_loop` body runs
+  several times slower than the same step called from the host on XLA:CPU.
+  """
+  step = jax.jit(fns.inner_step)
+  take = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
+  put = lambda tree, m, one: jax.tree.map(lambda x, o: x.at[m].set(o), tree, one)
+  t0 = time.perf_counter()
+  for m, age in enumerate(np.asarray(ages).tolist()):
+    p, o = take(params, m), take(opt_state, m)
+    for _ in range(age):
+      p, o, _ = step(p, o, images, targets)
+    params, opt_state = put(params, m, p), put(opt_state, m, o)
+    print(f"[pool] warm-up: model {m + 1}/{len(ages)} trained to age {age} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
   return params, opt_state
 
 

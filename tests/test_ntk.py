@@ -63,10 +63,9 @@ def test_nt_compat_imports_neural_tangents():
     assert getattr(__import__(module, fromlist=[name]), name) is not None
   from jax.core import Jaxpr  # pylint: disable=g-import-not-at-top
   assert Jaxpr is not None
-  from neural_tangents._src import empirical  # pylint: disable=g-import-not-at-top
   for dotted in PATCHED:
     name = dotted.rpartition(".")[2]
-    assert getattr(empirical, name) is getattr(nt_compat, name)
+    assert getattr(nt._src.empirical, name) is getattr(nt_compat, name)
 
 
 def test_only_nt_compat_imports_neural_tangents():
