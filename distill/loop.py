@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -84,7 +85,8 @@ def run_loop(*, name: str, workdir: str, state: Any,
     batch_fn: `step -> batch`, deterministic in `step`.
     num_steps: total steps of the job (not of this call).
     rng: base key; step `i` gets `fold_in(rng, i)`.
-    log_every: steps between progress lines and metric records.
+    log_every: steps between progress lines and metric records (each
+      record holds the mean of the metrics over those steps).
     checkpoint_every: steps between checkpoints (0: only at the end).
     check_fn: `(step, metrics) -> None`, may raise DistillError; called at
       each log point on host-side metrics.
@@ -111,11 +113,19 @@ def run_loop(*, name: str, workdir: str, state: Any,
   with open(metrics_path, "w") as f:
     for record in history:
       f.write(json.dumps(record) + "\n")
+  fold_in = jax.jit(jax.random.fold_in)  # eager, it would dispatch op by op each step
+  accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m))
+  window, window_len = None, 0
   for step in range(start, num_steps):
-    state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
+    state, metrics = step_fn(state, batch_fn(step), fold_in(rng, step))
+    # Logged metrics are means over the steps since the last record (summed
+    # on the device, so the loop never waits on a step to finish).
+    window = metrics if window is None else accumulate(window, metrics)
+    window_len += 1
     done = step + 1
     if done % log_every == 0 or done == num_steps:
-      record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      record = {k: float(v) / window_len for k, v in jax.device_get(window).items()}
+      window, window_len = None, 0
       now = time.perf_counter()
       record.update(step=done, steps_per_s=(done - s_last) / max(now - t_last, 1e-9),
                     elapsed_s=now - t_start)

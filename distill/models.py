@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 
 from distill.errors import DistillError
 
@@ -150,15 +152,56 @@ def apply_model(model: nn.Module, variables: dict, x: jax.Array, train: bool):
   return model.apply(variables, x, train=train), variables
 
 
-def feature_fn(model: nn.Module, variables: dict, batch_size: int = 500) -> Callable:
-  """A host-side function mapping (N, H, W, C) arrays to (N, p) features in chunks."""
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+def gradient_step(model: nn.Module, optimizer, state: dict, x: jax.Array,
+                  objective: Callable[[jax.Array, jax.Array], jax.Array]):
+  """One optimiser step on `objective(features, outputs)` of a batch.
 
-  def features(x):
-    chunks = [apply(variables, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    return jnp.concatenate(chunks, axis=0)
+  The shared skeleton of every supervised-style train step (teacher,
+  pretraining): BatchNorm statistics are threaded, gradients are taken with
+  respect to `params` only.
 
-  return features
+  Args:
+    model: the network. optimizer: an optax transformation.
+    state: {"variables": {...}, "opt_state": ...}.
+    x: (B, H, W, C) inputs. objective: (features, outputs) -> scalar loss.
+
+  Returns:
+    (new state, {"loss", "grad_norm"}).
+  """
+  def loss_fn(params):
+    variables = {**state["variables"], "params": params}
+    (features, outputs), variables = apply_model(model, variables, x, train=True)
+    return objective(features, outputs), variables
+
+  params = state["variables"]["params"]
+  (loss, variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+  variables = {**variables, "params": optax.apply_updates(params, updates)}
+  return ({"variables": variables, "opt_state": opt_state},
+          {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_features(model: nn.Module):
+  # One executable per architecture (flax modules hash by their fields),
+  # reused across calls instead of re-tracing a fresh lambda each time.
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False)[0])
+
+
+def extract_features(model: nn.Module, variables: dict, images, batch_size: int = 500):
+  """Frozen features of a whole array, in chunks to bound memory.
+
+  Args:
+    model: a network of this module. variables: its variables.
+    images: (N, H, W, C) normalised float32 images (numpy or jax).
+
+  Returns:
+    (N, p) float32 numpy array.
+  """
+  apply = _jitted_features(model)
+  chunks = [np.asarray(apply(variables, jnp.asarray(images[i:i + batch_size])))
+            for i in range(0, len(images), batch_size)]
+  return np.concatenate(chunks).astype(np.float32)
 
 
 def num_params(variables: Any) -> int:

@@ -26,6 +26,7 @@ from distill.config import to_dict
 from distill.errors import DistillError
 from distill.krr_st import KRRST
 from distill.loop import Checkpointer, batch_indices, log, run_loop
+from distill.models import extract_features
 
 SYNTHETIC = "synthetic.npz"
 ROWS = ("none", "random", "krr_st")
@@ -130,7 +131,7 @@ def build_backbone_only(bt_variables: dict) -> dict:
 def probe_backbone(config, model, variables, image_shape, mean, std, seed: int = 0) -> dict:
   """Linear-probe accuracy of a backbone's frozen features on the target."""
   x_train, y_train, x_test, y_test = load_target(config, image_shape, mean, std, seed)
-  features = lambda x: transfer.extract_features(model, variables, x)
+  features = lambda x: extract_features(model, variables, x)
   return transfer.linear_probe(features(x_train), y_train, features(x_test), y_test,
                                regs=tuple(config.probe.regs),
                                val_fraction=config.probe.val_fraction, seed=seed)
@@ -226,7 +227,7 @@ def run_transfer(config, workdir: str) -> dict:
         model, variables = transfer.pretrain(config.pretrain, images, targets, seed,
                                              os.path.join(workdir, "transfer"), name, quiet=True)
       pretrain_s = time.perf_counter() - t0
-      features = lambda x: transfer.extract_features(model, variables, x)
+      features = lambda x: extract_features(model, variables, x)
       probe = transfer.linear_probe(features(target[0]), target[1], features(target[2]),
                                     target[3], regs=tuple(config.probe.regs),
                                     val_fraction=config.probe.val_fraction, seed=seed)

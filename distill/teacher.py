@@ -27,7 +27,7 @@ import optax
 
 from distill import augment
 from distill.errors import DistillError
-from distill.models import apply_model, build_model, init_model
+from distill.models import build_model, extract_features, gradient_step, init_model
 
 
 class _BatchStandardize(nn.Module):
@@ -87,18 +87,11 @@ def make_train_step(model: BarlowTwins, optimizer: optax.GradientTransformation,
     views = jnp.concatenate([augment.ssl_augment(k1, x, mean, std),
                              augment.ssl_augment(k2, x, mean, std)])
 
-    def loss_fn(params):
-      variables = {**state["variables"], "params": params}
-      (_, z), variables = apply_model(model, variables, views, train=True)
+    def objective(features, z):
       z1, z2 = jnp.split(z, 2)
-      return barlow_twins_loss(z1, z2, lambda_offdiag), variables
+      return barlow_twins_loss(z1, z2, lambda_offdiag)
 
-    params = state["variables"]["params"]
-    (loss, variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    variables = {**variables, "params": optax.apply_updates(params, updates)}
-    return ({"variables": variables, "opt_state": opt_state},
-            {"loss": loss, "grad_norm": optax.global_norm(grads)})
+    return gradient_step(model, optimizer, state, views, objective)
 
   return jax.jit(step, donate_argnums=0)
 
@@ -126,20 +119,7 @@ class Teacher(NamedTuple):
 
   def features(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """(N, H, W, C) normalised images -> (N, dim) float32 representations."""
-    apply = _feature_apply(self.model)
-    out = [np.asarray(apply(self.variables, jnp.asarray(images[i:i + batch_size])))
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out).astype(np.float32)
-
-
-_APPLY_CACHE: dict = {}
-
-
-def _feature_apply(model):
-  # One jitted function per teacher architecture, reused across calls.
-  if model not in _APPLY_CACHE:
-    _APPLY_CACHE[model] = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-  return _APPLY_CACHE[model]
+    return extract_features(self.model, self.variables, images, batch_size)
 
 
 def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,

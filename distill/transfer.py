@@ -20,7 +20,7 @@ import optax
 from distill import augment
 from distill.errors import DistillError
 from distill.loop import batch_indices, run_loop
-from distill.models import apply_model, build_model, init_model
+from distill.models import build_model, gradient_step, init_model
 from kernels.ridge import ridge_fit, with_bias
 
 
@@ -35,16 +35,8 @@ def make_pretrain_step(model, optimizer, augment_images: bool):
     if augment_images:
       images = augment.random_crop_flip(rng, images)
 
-    def loss_fn(params):
-      variables = {**state["variables"], "params": params}
-      (_, out), variables = apply_model(model, variables, images, train=True)
-      return jnp.mean((out - targets) ** 2), variables
-
-    params = state["variables"]["params"]
-    (loss, variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    variables = {**variables, "params": optax.apply_updates(params, updates)}
-    return {"variables": variables, "opt_state": opt_state}, {"loss": loss}
+    return gradient_step(model, optimizer, state, images,
+                         lambda features, outputs: jnp.mean((outputs - targets) ** 2))
 
   return jax.jit(step, donate_argnums=0)
 
@@ -93,13 +85,6 @@ def fresh_backbone(cfg: ml_collections.ConfigDict, image_shape, seed: int):
   """The no-pretraining baseline: a randomly initialised backbone."""
   model = build_model(cfg.arch)
   return model, init_model(model, jax.random.key(seed), image_shape)
-
-
-def extract_features(model, variables, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-  """(N, H, W, C) normalised images -> (N, p) float32 frozen features."""
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-  return np.concatenate([np.asarray(apply(variables, jnp.asarray(images[i:i + batch_size])))
-                         for i in range(0, len(images), batch_size)]).astype(np.float32)
 
 
 def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,

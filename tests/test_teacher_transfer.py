@@ -8,7 +8,7 @@ import pytest
 from distill import augment, teacher as teacher_lib, transfer
 from distill.config import base_config
 from distill.errors import DistillError
-from distill.models import build_model
+from distill.models import build_model, extract_features
 
 
 def test_barlow_twins_loss_closed_forms():
@@ -83,5 +83,5 @@ def test_pretraining_lowers_the_regression_loss(tmp_path):
   import json
   losses = [json.loads(l)["loss"] for l in lines]
   assert losses[-1] < 0.5 * losses[0]
-  feats = transfer.extract_features(model, variables, images)
+  feats = extract_features(model, variables, images)
   assert feats.shape == (16, 8 * 2 * 2)
