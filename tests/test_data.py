@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import data
+from distill import data, sources
 from distill.errors import DistillError
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -173,8 +173,8 @@ def test_archive_flat_layout(folder, tmp_path):
 def test_worker_pool_gives_the_same_result(folder, tmp_path, monkeypatch):
   root, expected = folder
   archive = _tar(root, tmp_path / "pets.tar.gz", "pets")
-  monkeypatch.setattr(data, "_CHUNK_SIZE", 1)
-  monkeypatch.setattr(data, "_num_workers", lambda: 2)
+  monkeypatch.setattr(sources, "_CHUNK_SIZE", 1)
+  monkeypatch.setattr(sources, "_num_workers", lambda: 2)
   for source in (str(root), archive):
     ds = data.load_dataset(source, "train", cache_dir="")
     np.testing.assert_array_equal(ds.images, expected["train"])
@@ -202,8 +202,8 @@ def test_broken_worker_pool_falls_back(folder, tmp_path, monkeypatch):
     def shutdown(self, **kwargs):
       pass
 
-  monkeypatch.setattr(data, "_CHUNK_SIZE", 1)
-  monkeypatch.setattr(data, "_num_workers", lambda: 2)
+  monkeypatch.setattr(sources, "_CHUNK_SIZE", 1)
+  monkeypatch.setattr(sources, "_num_workers", lambda: 2)
   monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BrokenPool)
   for source in (str(root), archive):
     ds = data.load_dataset(source, "train", cache_dir="")
@@ -257,7 +257,7 @@ def test_cache_hit_rebuild_and_invalidation(folder, tmp_path, monkeypatch):
     raise AssertionError("decoded although the cache holds the dataset")
 
   with monkeypatch.context() as m:
-    m.setattr(data, "_decode_image", broken)
+    m.setattr(sources, "_decode_image", broken)
     again = data.load_dataset(str(root), "train", cache_dir=str(cache))
   np.testing.assert_array_equal(again.images, expected["train"])
   np.testing.assert_array_equal(again.labels, first.labels)
@@ -269,7 +269,7 @@ def test_cache_hit_rebuild_and_invalidation(folder, tmp_path, monkeypatch):
   rebuilt = data.load_dataset(str(root), "train", cache_dir=str(cache))
   np.testing.assert_array_equal(rebuilt.images, expected["train"])
   with monkeypatch.context() as m:
-    m.setattr(data, "_decode_image", broken)
+    m.setattr(sources, "_decode_image", broken)
     data.load_dataset(str(root), "train", cache_dir=str(cache))
 
   # A new image changes the key: the cache must not hide it.
