@@ -3,7 +3,12 @@
     distill run      --config CFG[:variant] --workdir DIR [--set key=value ...]
     distill teacher  ...   (stage 1: Barlow Twins teacher)
     distill krr-st   ...   (stage 2: KRR-ST distillation, exports synthetic.npz)
-    distill transfer ...   (stage 3: pretrain + linear probe, table)
+    distill experts  ...   (expert trajectories for parameter matching -> experts/)
+    distill param-match ... (IADD / MTT, exports synthetic_<method>.npz)
+    distill table    ...   (stage 3: every row's set, pretrain, probe/fine-tune;
+                            `transfer` is the same command)
+    distill prune-source ... (source groups voted by the target -> source_pruning.npz)
+    distill influence ...  (label-free influence, duplicates, outliers -> influence.npz)
     distill inspect  FILE.npz [--png OUT.png]
 
 Bad input ends with a one-line `error: ...` on stderr and exit status 2.
@@ -24,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
   for name, help_text in (("run", "all stages: teacher, KRR-ST, export, transfer"),
                           ("teacher", "train the Barlow Twins teacher"),
                           ("krr-st", "distil the source with KRR-ST"),
-                          ("transfer", "pretrain on the synthetic set and linear-probe")):
+                          ("experts", "train the expert trajectories for parameter matching"),
+                          ("param-match", "distil by (importance-weighted) parameter matching"),
+                          ("table", "the results table: sets, pretraining, read-outs"),
+                          ("transfer", "the same as `table`"),
+                          ("prune-source", "keep the source groups the target votes for"),
+                          ("influence", "label-free influence and duplicate scores of the source")):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", required=True, help="experiments/configs/FILE.py[:variant]")
     p.add_argument("--workdir", required=True, help="where artefacts and checkpoints go")
@@ -45,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
       from distill import export
       print(export.inspect(args.file, args.png))
       return 0
-    from distill import pipeline
+    from distill import experts, influence, param_match, pipeline, source_pruning, table
     from distill.config import load_config
     config = load_config(args.config, args.set)
     stage = {"run": pipeline.run, "teacher": pipeline.run_teacher,
-             "krr-st": pipeline.run_krr_st, "transfer": pipeline.run_transfer}[args.command]
+             "krr-st": pipeline.run_krr_st, "table": table.run_table,
+             "experts": experts.run_experts, "param-match": param_match.run_param_match,
+             "transfer": table.run_table, "prune-source": source_pruning.run_prune_source,
+             "influence": influence.run_influence}[args.command]
     if args.command != "run":
       pipeline.prepare_workdir(config, args.workdir)
     stage(config, os.path.abspath(args.workdir))

@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       target="cifar10",
       target_train_split="train",
       target_test_split="test",
-      num_target_train=0,
+      num_target_train=0,      # at most this many target images per split (0 = all)
       num_target_test=0,
       cache_dir="",            # "" = DISTILL_CACHE or ~/.cache/distill
       data_dir="",             # TFDS data_dir ("" = TFDS default)
@@ -52,6 +52,12 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-3,
       weight_decay=1e-4,
       warmup_steps=500,
+      # InfoBatch dynamic pruning (distill/infobatch.py); `distill teacher`
+      # uses it when prune_ratio > 0.
+      infobatch=ml_collections.ConfigDict(dict(
+          prune_ratio=0.0,     # fraction r of below-mean-score samples dropped per epoch
+          delta=0.875,         # full data (no pruning) from epoch int(delta * epochs) on
+      )),
   ))
 
   # KRR-ST distillation.
@@ -80,6 +86,42 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
   ))
 
+  # Expert trajectories for parameter matching (distill/experts.py).
+  c.experts = ml_collections.ConfigDict(dict(
+      num_experts=10,
+      epochs=50,               # checkpoints saved after every epoch (and at init)
+      objective="ce",          # "ce": source labels; "mse": regress the teacher's reps
+      arch=_arch("convnet", width=128, depth=3, norm="instance"),
+      batch_size=256,
+      lr=0.01,                 # plain SGD, as in MTT
+      momentum=0.0,
+      augment=True,            # random crop + flip
+      dtype="float32",         # buffer storage: "float32" or "float16"
+      log_every=100,
+  ))
+
+  # Importance-weighted parameter matching (distill/param_match.py).
+  c.param_match = ml_collections.ConfigDict(dict(
+      method="iadd",           # "iadd": learned importance weights W; "mtt": W = 1
+      num_synthetic=100,
+      syn_steps=30,            # N student steps on the synthetic set
+      expert_epochs=2,         # M: the target is the expert M epochs later
+      max_start=20,            # start epochs t are drawn from 0..max_start-1
+      syn_batch=256,           # synthetic images per student step (>= n: all)
+      steps=5000,
+      lr_images=1e-2,          # Adam learning rates of each learned group
+      lr_targets=1e-2,
+      lr_weights=1e-2,
+      lr_alpha=1e-2,           # on log(alpha)
+      alpha_init=0.01,         # the student's initial SGD step size
+      granularity="parameter", # one weight per "parameter" or per "tensor"
+      prune_fraction=0.0,      # leave this fraction of lowest-W parameters out of the loss
+      remat=False,             # jax.checkpoint each student step (memory for compute)
+      augment=True,            # crop + flip the synthetic images in the student steps
+      log_every=50,
+      checkpoint_every=500,
+  ))
+
   # Pretraining a fresh network on a synthetic set (MSE to its targets).
   c.pretrain = ml_collections.ConfigDict(dict(
       arch=_arch("convnet", width=128, depth=3),
@@ -91,16 +133,75 @@ def base_config() -> ml_collections.ConfigDict:
       augment=True,
   ))
 
+  # Selection tools: source pruning for transfer and label-free influence.
+  c.selection = ml_collections.ConfigDict(dict(
+      # `distill prune-source` (distill/source_pruning.py).
+      prune=ml_collections.ConfigDict(dict(
+          method="fm",             # "lm" (label match), "fm" (feature match) or "random"
+          keep_fraction=0.5,       # share of source groups kept (rounded, at least 1)
+          groups="auto",           # "labels", "kmeans" (teacher features) or "auto"
+          num_clusters=10,         # k-means groups when there are no labels
+          surrogate=_arch("convnet", width=32, depth=3),
+          epochs=5,                # surrogate cross-entropy training on the groups
+          batch_size=128,
+          lr=1e-3,
+      )),
+      # `distill influence` (distill/influence.py).
+      influence=ml_collections.ConfigDict(dict(
+          num_views=2,             # augmented views per image in the consistency loss
+          reg=1e-2,                # ridge of the linear head (trace_over_n convention)
+          batch_size=500,
+      )),
+  ))
+
+  # Fine-tuning read-out: new linear head, all layers trained by cross-entropy.
+  c.finetune = ml_collections.ConfigDict(dict(
+      epochs=30,
+      batch_size=128,
+      lr=0.01,
+      momentum=0.9,
+      weight_decay=5e-4,
+      augment=True,            # random crop + flip
+      num_train=0,             # fine-tune on this many target training images (0 = all)
+  ))
+
+  # KIP baseline (distill/kip.py): synthetic images + learned labels fitted
+  # by kernel ridge regression with the ConvNet's infinite-width NTK.
+  c.kip = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=256,          # labelled real images per step
+      lr_images=1e-3,
+      lr_targets=1e-3,         # the learned labels
+      weight_decay=0.0,
+      clip_norm=0.0,
+      reg=1e-3,
+      reg_scaling="trace_over_n",
+      depth=3,                 # conv-relu blocks of the NTK's ConvNet
+      pool=False,              # AvgPool in the kernel (full spatial covariance: costly)
+      downsample=1,            # average f x f pixel blocks before the kernel
+      augment_real=True,
+      log_every=50,
+  ))
+
   # Linear probe on frozen features: ridge classifier, reg picked on a split.
   c.probe = ml_collections.ConfigDict(dict(
       regs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
       val_fraction=0.1,
   ))
 
-  # Transfer read-out.
+  # The results table (distill/table.py): rows x architectures x targets x
+  # read-outs x seeds. Rows: none, random, kmeans, kip, frepo, krr_st, iadd,
+  # mtt, full (regress the teacher on the whole source), teacher.
   c.eval = ml_collections.ConfigDict(dict(
       seeds=(0, 1, 2),
       rows=("none", "random", "krr_st"),
+      readouts=("linear_probe",),  # and/or "finetune"
+      archs=(),                # more pretraining archs, "name" or "name:width" (pretrain.arch first)
+      extra_targets=(),        # more targets, "dataset|train_split|test_split" (data.target first)
+      sizes=(),                # extra set sizes for the size sweep (linear probe, first target)
+      sweep_rows=("random", "krr_st"),
+      full_epochs=10,          # pretraining epochs of the "full" row
+      results_path="",         # also write <results_path>.{md,json,csv,png}
   ))
 
   c.lock()

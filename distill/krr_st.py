@@ -13,6 +13,10 @@ into Y_s; real-image features carry none.
 The method is a small object with `init` and a jitted pure `step`:
     state = method.init(rng, images, targets)
     state, metrics = method.step(state, real_uint8_batch, rng, teacher_vars)
+
+Supervised variant (FRePo-style, a baseline): with no teacher the real
+targets are the one-hot labels of the batch, `step` takes `(images,
+labels)` batches, and Y_s are learned labels; the pool machinery is the same.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ class KRRST:
       cfg: the `distill` section of the config.
       image_shape: (H, W, C) of the source images.
       target_dim: d, the teacher's representation width.
-      teacher_model: the teacher network (its variables come with each step).
+      teacher_model: the teacher network (its variables come with each step),
+        or None for the supervised variant (one-hot label targets, d = classes).
       mean, std: (C,) normalisation of the source images.
     """
     self.cfg = cfg
@@ -107,13 +112,21 @@ class KRRST:
     x = (batch_uint8.astype(jnp.float32) / 255.0 - self.mean) / self.std
     return augment.random_crop_flip(rng, x) if self.cfg.augment_real else x
 
-  def _step(self, state: dict, batch_uint8: jax.Array, rng: jax.Array, teacher_vars):
+  def _step(self, state: dict, batch, rng: jax.Array, teacher_vars):
     cfg = self.cfg
+    if self.teacher_model is None:
+      batch_uint8, labels = batch
+      num_classes = state["synthetic"]["targets"].shape[-1]
+    else:
+      batch_uint8 = batch
     k_pick, k_aug, k_reset = jax.random.split(rng, 3)
     index = jax.random.randint(k_pick, (), 0, cfg.pool.size)
     params = pool_lib.pool_member(state["pool"], index)
     x_real = self.real_views(k_aug, batch_uint8)
-    target_real = self.teacher_model.apply(teacher_vars, x_real, train=False)[0]
+    if self.teacher_model is None:
+      target_real = jax.nn.one_hot(labels, num_classes)
+    else:
+      target_real = self.teacher_model.apply(teacher_vars, x_real, train=False)[0]
     phi_real = with_bias(self.pool_fns.features(params, x_real))
     loss_fn = functools.partial(krr_outer_loss, self.pool_fns.features, params,
                                 phi_real=jax.lax.stop_gradient(phi_real),

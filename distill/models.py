@@ -63,7 +63,7 @@ class ConvNet(nn.Module):
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     features = x.reshape((x.shape[0], -1))
-    outputs = nn.Dense(self.num_outputs)(features) if self.num_outputs else None
+    outputs = nn.Dense(self.num_outputs, name="head")(features) if self.num_outputs else None
     return features, outputs
 
 
@@ -103,7 +103,7 @@ class ResNet(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         x = _BasicBlock(self.width * 2**i, stride, self.norm)(x, train)
     features = jnp.mean(x, axis=(1, 2))
-    outputs = nn.Dense(self.num_outputs)(features) if self.num_outputs else None
+    outputs = nn.Dense(self.num_outputs, name="head")(features) if self.num_outputs else None
     return features, outputs
 
 
@@ -134,9 +134,14 @@ def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) ->
 
 def init_model(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]) -> dict:
   """Variables ({'params', maybe 'batch_stats'}) for (H, W, C) images."""
-  # Jitted: op-by-op initialisation compiles every primitive separately (slow).
-  init = jax.jit(functools.partial(model.init, train=False))
-  return dict(init(rng, jnp.zeros((1, *image_shape), jnp.float32)))
+  return dict(_jitted_init(model)(rng, jnp.zeros((1, *image_shape), jnp.float32)))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: nn.Module):
+  # Jitted (op-by-op initialisation compiles every primitive separately) and
+  # cached per architecture, so the table's many runs compile it once.
+  return jax.jit(functools.partial(model.init, train=False))
 
 
 def apply_model(model: nn.Module, variables: dict, x: jax.Array, train: bool):

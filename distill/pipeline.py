@@ -2,7 +2,8 @@
 
     teacher  -> <workdir>/teacher/            (Barlow Twins backbone)
     krr-st   -> <workdir>/synthetic.npz       (+ _grid.png, loss curve)
-    transfer -> <workdir>/transfer.{json,md}  (linear probe per row and seed)
+    table    -> <workdir>/table.{json,csv,md} (distill/table.py: every row,
+                architecture, target, read-out and seed)
 
 Each stage reads the previous stage's artefact from disk, skips work whose
 artefact already exists, and resumes from checkpoints after a kill. The
@@ -21,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from distill import data, export, plots, teacher as teacher_lib, transfer
+from distill import data, export, plots, select, teacher as teacher_lib, transfer
 from distill.config import to_dict
 from distill.errors import DistillError
 from distill.krr_st import KRRST
@@ -29,19 +30,30 @@ from distill.loop import Checkpointer, batch_indices, log, run_loop
 from distill.models import extract_features
 
 SYNTHETIC = "synthetic.npz"
-ROWS = ("none", "random", "krr_st")
+
+
+# Settings that only choose WHICH table entries to measure (each entry is
+# keyed by them in table.json), so they may change between runs of a workdir,
+# e.g. to add a row or a seed later.
+SELECTION_KEYS = frozenset(f"eval.{k}" for k in (
+    "rows", "seeds", "readouts", "archs", "extra_targets", "sizes", "sweep_rows",
+    "results_path"))
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates the workdir and checks it was not made with another config."""
+  """Creates the workdir and checks it was not made with another config.
+
+  Keys in SELECTION_KEYS may differ, and settings newer than the stored
+  config.json are accepted; the stored file keeps the first config.
+  """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   current = json.loads(json.dumps(to_dict(config)))
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous != current:
-      diff = sorted(_diff_keys(previous, current))
+    diff = sorted(k for k in _diff_keys(previous, current) if k not in SELECTION_KEYS)
+    if diff:
       raise DistillError(f"workdir {workdir} was made with a different config (differs at: "
                          f"{', '.join(diff[:8])}); use a new --workdir")
     return
@@ -51,9 +63,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _diff_keys(a, b, prefix=""):
+  """Dotted keys whose values differ; keys only in `b` (settings added to the
+  code since `a` was stored, defaulting to the old behaviour) do not count."""
   if isinstance(a, dict) and isinstance(b, dict):
-    for k in set(a) | set(b):
-      yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    for k in set(a):
+      yield from _diff_keys(a[k], b.get(k), f"{prefix}{k}.")
   elif a != b:
     yield prefix.rstrip(".")
 
@@ -65,23 +79,43 @@ def load_source(config) -> data.ArrayDataset:
   return data.subsample(ds, cfg.num_source, config.seed)
 
 
-def load_target(config, image_shape, mean, std, seed: int = 0):
-  """Labelled target splits, brought to the source's size/channels and normalisation.
+def parse_target(spec: str) -> tuple[str, str, str]:
+  """"dataset|train_split|test_split" -> its parts (splits default to train, test)."""
+  parts = spec.split("|")
+  if len(parts) not in (1, 3) or not all(parts):
+    raise DistillError(f"target {spec!r}: expected 'dataset' or "
+                       f"'dataset|train_split|test_split'")
+  return (parts[0], "train", "test") if len(parts) == 1 else tuple(parts)
+
+
+def main_target(config) -> str:
+  cfg = config.data
+  return f"{cfg.target}|{cfg.target_train_split}|{cfg.target_test_split}"
+
+
+def load_target(config, image_shape, mean, std, spec: str | None = None):
+  """A labelled target brought to the source's size/channels and normalisation.
+
+  Args:
+    config: the full config (`data.num_target_*`, cache settings).
+    image_shape: (H, W, C) of the source. mean, std: (C,) normalisation.
+    spec: "dataset|train_split|test_split"; None = the config's main target.
 
   Returns:
-    (train images (N,H,W,C) float32, train labels (N,), test images, test labels).
+    (train images (N,H,W,C) float32, train labels (N,) int32, test images, test labels).
   """
+  dataset, train_split, test_split = parse_target(spec or main_target(config))
   cfg = config.data
   out = []
-  for split, num in ((cfg.target_train_split, cfg.num_target_train),
-                     (cfg.target_test_split, cfg.num_target_test)):
-    ds = data.load_dataset(cfg.target, split, cache_dir=cfg.cache_dir or None,
+  for split, num in ((train_split, cfg.num_target_train), (test_split, cfg.num_target_test)):
+    ds = data.load_dataset(dataset, split, cache_dir=cfg.cache_dir or None,
                            data_dir=cfg.data_dir or None)
     if ds.labels is None:
-      raise DistillError(f"transfer target {cfg.target!r} split {split!r} has no labels")
-    ds = data.subsample(ds, num, seed)
+      raise DistillError(f"transfer target {dataset!r} split {split!r} has no labels")
+    # A cap, not a demand: one setting serves targets of different sizes.
+    ds = data.subsample(ds, min(num, len(ds.images)), 0)
     images = data.match_format(ds.images, image_shape[0], image_shape[2])
-    out += [data.normalize(images, mean, std), ds.labels]
+    out += [data.normalize(images, mean, std), ds.labels.astype(np.int32)]
   return tuple(out)
 
 
@@ -96,6 +130,8 @@ def run_teacher(config, workdir: str) -> teacher_lib.Teacher:
   images = source.images
   mean, std = data.channel_stats(images)
   image_shape = images.shape[1:]
+  if cfg.infobatch.prune_ratio > 0:
+    return _run_infobatch_teacher(config, workdir, source)
   n = len(images)
   batch_size = min(cfg.batch_size, n)
   num_steps = cfg.epochs * max(n // batch_size, 1)
@@ -124,175 +160,162 @@ def run_teacher(config, workdir: str) -> teacher_lib.Teacher:
   return teacher_lib.load_teacher(directory)
 
 
+def _run_infobatch_teacher(config, workdir: str, source) -> teacher_lib.Teacher:
+  """The teacher trained with InfoBatch pruning (distill/infobatch.py), then probed."""
+  from distill import infobatch
+  teacher, report = infobatch.train_teacher(config, workdir, source.images)
+  probe = probe_backbone(config, teacher.model, teacher.variables, teacher.image_shape,
+                         teacher.mean, teacher.std)
+  log(f"[teacher] InfoBatch skipped {100 * report.get('skipped_fraction', 0):.1f}% of "
+      f"sample-steps; linear-probe accuracy on {config.data.target}: {probe['accuracy']:.4f}")
+  teacher_lib.save_teacher(os.path.join(workdir, "teacher"), config.teacher.arch.to_dict(),
+                           {k: {"backbone": v} for k, v in teacher.variables.items()},
+                           teacher.mean, teacher.std, teacher.image_shape,
+                           {**teacher.info, "probe": probe, "infobatch": report})
+  return teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
+
+
 def build_backbone_only(bt_variables: dict) -> dict:
   return {k: v["backbone"] for k, v in bt_variables.items() if "backbone" in v}
 
 
 def probe_backbone(config, model, variables, image_shape, mean, std, seed: int = 0) -> dict:
   """Linear-probe accuracy of a backbone's frozen features on the target."""
-  x_train, y_train, x_test, y_test = load_target(config, image_shape, mean, std, seed)
+  x_train, y_train, x_test, y_test = load_target(config, image_shape, mean, std)
   features = lambda x: extract_features(model, variables, x)
   return transfer.linear_probe(features(x_train), y_train, features(x_test), y_test,
                                regs=tuple(config.probe.regs),
                                val_fraction=config.probe.val_fraction, seed=seed)
 
 
-def run_krr_st(config, workdir: str) -> export.SyntheticSet:
-  """Distils the source into `<workdir>/synthetic.npz` with KRR-ST."""
-  out_path = os.path.join(workdir, SYNTHETIC)
+def set_path(workdir: str, row: str, n: int, config) -> str:
+  """Where the pretraining set of a table row at size n lives."""
+  if row == "krr_st" and n == config.distill.num_synthetic:
+    return os.path.join(workdir, SYNTHETIC)  # the main artefact of `distill krr-st`
+  return os.path.join(workdir, "sets", f"{row}_n{n}.npz")
+
+
+def run_krr_st(config, workdir: str, n: int | None = None,
+               supervised: bool = False) -> export.SyntheticSet:
+  """Distils the source with KRR-ST into `<workdir>/synthetic.npz`.
+
+  Args:
+    config: the full config (`distill` section for the method).
+    workdir: the job directory (holds the teacher).
+    n: set size; None = `distill.num_synthetic` (other sizes go to
+      `<workdir>/sets/krr_st_n<n>.npz`, for the size sweep).
+    supervised: the FRePo-style baseline instead: same pool machinery, but
+      the targets are learned labels fitted to one-hot labels of real
+      images (needs a labelled source); written to `sets/frepo_n<n>.npz`.
+  """
+  cfg = config.distill
+  n = n or cfg.num_synthetic
+  row = "frepo" if supervised else "krr_st"
+  out_path = set_path(workdir, row, n, config)
   if os.path.exists(out_path):
     return export.load_synthetic(out_path)
-  cfg = config.distill
   teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
   source = load_source(config)
-  n, num_source = cfg.num_synthetic, len(source.images)
+  num_source = len(source.images)
   if n > num_source:
     raise DistillError(f"distill.num_synthetic={n} is larger than the source "
                        f"({num_source} images)")
   if cfg.init != "random":
     raise DistillError(f"unknown distill.init {cfg.init!r}; expected 'random'")
+  if supervised and source.labels is None:
+    raise DistillError(f"the frepo row needs a labelled source; {source.name} has no labels")
   t0 = time.perf_counter()
-  init_idx = np.sort(np.random.default_rng(config.seed).choice(num_source, n, replace=False))
+  name = row if n == cfg.num_synthetic else f"{row}_n{n}"
+  if supervised:
+    init_idx = select.class_balanced_subset(source.labels, n, config.seed)
+  else:
+    init_idx = select.random_subset(num_source, n, config.seed)
   x0 = data.normalize(source.images[init_idx], teacher.mean, teacher.std)
-  y0 = teacher.features(x0)
+  if supervised:
+    num_classes = int(source.labels.max()) + 1
+    y0 = np.eye(num_classes, dtype=np.float32)[source.labels[init_idx]]
+    target_dim, target_model = num_classes, None
+  else:
+    y0 = teacher.features(x0)
+    target_dim, target_model = teacher.dim, teacher.model
   image_shape = source.images.shape[1:]
-  method = KRRST(cfg, image_shape, teacher.dim, teacher.model, teacher.mean, teacher.std)
-  resuming = Checkpointer(os.path.join(workdir, "krr_st", "ckpt")).latest_step() is not None
+  method = KRRST(cfg, image_shape, target_dim, target_model, teacher.mean, teacher.std)
+  resuming = Checkpointer(os.path.join(workdir, name, "ckpt")).latest_step() is not None
   # On resume the pool's warm-up training is wasted work: the checkpoint replaces it.
   state = method.init(jax.random.key(config.seed), x0, y0, warm_up=not resuming)
-  log(f"[krr_st] n={n} synthetic images from {num_source} source images, target dim "
-      f"{teacher.dim}, pool {cfg.pool.size}x{cfg.pool.arch.name}, {cfg.steps} steps")
-  images = source.images
+  log(f"[{name}] n={n} synthetic images from {num_source} source images, target dim "
+      f"{target_dim}, pool {cfg.pool.size}x{cfg.pool.arch.name}, {cfg.steps} steps")
+  images, labels = source.images, source.labels
   batch_size = min(cfg.batch_size, num_source)
+
+  def batch_fn(i):
+    idx = batch_indices(config.seed, i, num_source, batch_size)
+    return (images[idx], labels[idx]) if supervised else images[idx]
 
   def check(step, record):
     if record["solve_ok"] < 1:
-      raise DistillError(f"[krr_st] ridge solve failed at step {step} even with jitter "
+      raise DistillError(f"[{name}] ridge solve failed at step {step} even with jitter "
                          f"{record['jitter']:.3g}: raise distill.reg (now {cfg.reg})")
 
   state, history = run_loop(
-      name="krr_st", workdir=workdir, state=state,
+      name=name, workdir=workdir, state=state,
       step_fn=lambda s, b, r: method.step(s, b, r, teacher.variables),
-      batch_fn=lambda i: images[batch_indices(config.seed, i, num_source, batch_size)],
-      num_steps=cfg.steps, rng=jax.random.key(config.seed + 2),
+      batch_fn=batch_fn, num_steps=cfg.steps, rng=jax.random.key(config.seed + 2),
       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, check_fn=check)
   synthetic = export.SyntheticSet(
       images=np.asarray(state["synthetic"]["images"]),
       targets=np.asarray(state["synthetic"]["targets"]),
-      labels=None, method="krr_st", source=source.name,
-      teacher=f"barlow_twins/{teacher.model.__class__.__name__.lower()}",
+      labels=source.labels[init_idx].astype(np.int32) if supervised else None,
+      method=row, source=source.name,
+      teacher="labels" if supervised else
+      f"barlow_twins/{teacher.model.__class__.__name__.lower()}",
       image_mean=teacher.mean, image_std=teacher.std, config=to_dict(config), step=cfg.steps,
       extra=dict(seconds=time.perf_counter() - t0,
                  final_loss=history[-1]["loss"] if history else None,
                  init_indices=init_idx.tolist()))
-  export.save_synthetic(out_path, synthetic)
-  export.save_image_grid(os.path.join(workdir, "synthetic_grid.png"), synthetic.images,
-                         synthetic.image_mean, synthetic.image_std)
-  plots.save_curve(os.path.join(workdir, "krr_st", "loss.png"), history, "loss",
-                   "KRR-ST outer loss")
-  log(f"[krr_st] wrote {out_path}")
+  save_set(out_path, synthetic, workdir, name, history)
   return synthetic
 
 
-def run_transfer(config, workdir: str) -> dict:
-  """Pretrains on each row's set and linear-probes on the target, per seed."""
-  teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
-  rows = tuple(config.eval.rows)
-  unknown = set(rows) - set(ROWS)
-  if unknown:
-    raise DistillError(f"unknown eval.rows {sorted(unknown)}; expected some of {ROWS}")
-  results_path = os.path.join(workdir, "transfer.json")
-  results = _read_json(results_path, default={"runs": []})
-  done = {(r["row"], r["seed"]) for r in results["runs"]}
-  synthetic = export.load_synthetic(os.path.join(workdir, SYNTHETIC))
-  source = load_source(config)
-  n = len(synthetic.images)
-  image_shape = source.images.shape[1:]
-  target = load_target(config, image_shape, teacher.mean, teacher.std)
-  for seed in config.eval.seeds:
-    for row in rows:
-      if (row, seed) in done:
-        continue
-      t0 = time.perf_counter()
-      name = f"pretrain_{row}_seed{seed}"
-      if row == "none":
-        model, variables = transfer.fresh_backbone(config.pretrain, image_shape, seed)
-      else:
-        if row == "random":
-          idx = np.random.default_rng(1000 + seed).choice(len(source.images), n, replace=False)
-          images = data.normalize(source.images[idx], teacher.mean, teacher.std)
-          targets = teacher.features(images)
-        else:
-          images, targets = synthetic.images, synthetic.targets
-        model, variables = transfer.pretrain(config.pretrain, images, targets, seed,
-                                             os.path.join(workdir, "transfer"), name, quiet=True)
-      pretrain_s = time.perf_counter() - t0
-      features = lambda x: extract_features(model, variables, x)
-      probe = transfer.linear_probe(features(target[0]), target[1], features(target[2]),
-                                    target[3], regs=tuple(config.probe.regs),
-                                    val_fraction=config.probe.val_fraction, seed=seed)
-      run = dict(row=row, seed=seed, accuracy=probe["accuracy"], reg=probe["reg"],
-                 pretrain_seconds=pretrain_s,
-                 probe_seconds=time.perf_counter() - t0 - pretrain_s)
-      log(f"[transfer] {row:8s} seed {seed}: linear-probe accuracy {probe['accuracy']:.4f} "
-          f"(pretrain {pretrain_s:.0f}s)")
-      results["runs"].append(run)
-      _write_json(results_path, results)
-  results["teacher_probe"] = teacher.info.get("probe", {}).get("accuracy")
-  results["summary"] = summarize(results["runs"], rows)
-  _write_json(results_path, results)
-  table = format_table(results, config, n)
-  with open(os.path.join(workdir, "transfer.md"), "w") as f:
-    f.write(table)
-  log(table)
-  return results
-
-
-def summarize(runs: list[dict], rows) -> dict:
-  out = {}
-  for row in rows:
-    acc = np.array([r["accuracy"] for r in runs if r["row"] == row])
-    secs = np.array([r["pretrain_seconds"] for r in runs if r["row"] == row])
-    if len(acc):
-      out[row] = dict(mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                      seeds=len(acc), pretrain_seconds=float(secs.mean()))
-  return out
-
-
-def format_table(results: dict, config, n: int) -> str:
-  lines = [f"Linear probe on {config.data.target} after pretraining "
-           f"({config.pretrain.arch.name}, n={n}); source {config.data.source}",
-           "", "| pretraining set | top-1 accuracy (mean ± std) | seeds | pretrain s |",
-           "|---|---|---|---|"]
-  for row, s in results["summary"].items():
-    lines.append(f"| {row} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {s['seeds']} "
-                 f"| {s['pretrain_seconds']:.0f} |")
-  if results.get("teacher_probe") is not None:
-    lines.append(f"| (teacher itself) | {100 * results['teacher_probe']:.2f} | - | - |")
-  return "\n".join(lines) + "\n"
+def save_set(out_path: str, synthetic: export.SyntheticSet, workdir: str, name: str,
+             history: list[dict]) -> None:
+  """Exports a learned set with its image grid and loss curve."""
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  export.save_synthetic(out_path, synthetic)
+  export.save_image_grid(os.path.splitext(out_path)[0] + "_grid.png", synthetic.images,
+                         synthetic.image_mean, synthetic.image_std)
+  plots.save_curve(os.path.join(workdir, name, "loss.png"), history, "loss",
+                   f"{name} outer loss")
+  log(f"[{name}] wrote {out_path}")
 
 
 def run(config, workdir: str) -> dict:
-  """All stages: teacher -> KRR-ST -> export -> pretrain -> linear probe."""
+  """All stages: teacher -> KRR-ST -> export -> the results table."""
+  from distill import table  # table builds on this module
   prepare_workdir(config, workdir)
-  timings = _read_json(os.path.join(workdir, "timings.json"), default={})
+  timings = read_json(os.path.join(workdir, "timings.json"), default={})
   for stage, fn in (("teacher", run_teacher), ("krr_st", run_krr_st),
-                    ("transfer", run_transfer)):
+                    ("table", table.run_table)):
     t0 = time.perf_counter()
     out = fn(config, workdir)
     timings.setdefault(stage, time.perf_counter() - t0)
-    _write_json(os.path.join(workdir, "timings.json"), timings)
+    write_json(os.path.join(workdir, "timings.json"), timings)
   return out
 
 
-def _read_json(path: str, default):
+def read_json(path: str, default):
   if not os.path.exists(path):
     return default
   with open(path) as f:
     return json.load(f)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+  write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes through a temporary file, so a kill never leaves half a file."""
   with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
+    f.write(text)
   os.replace(path + ".tmp", path)

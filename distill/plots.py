@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display on servers; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,6 +26,31 @@ def save_curve(path: str, history: list[dict], key: str, title: str) -> str | No
   ax.set_ylabel(key)
   ax.set_title(title)
   ax.grid(alpha=0.3)
+  return save_figure(fig, path)
+
+
+def save_size_sweep(path: str, series: dict, title: str) -> str:
+  """Accuracy against set size, one line with error bars per row.
+
+  Args:
+    series: {row: [(n, mean accuracy, std), ...]}.
+  """
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+  for row, points in sorted(series.items()):
+    n, mean, std = (np.asarray(v) for v in zip(*sorted(points)))
+    ax.errorbar(n, 100 * mean, yerr=100 * std, marker="o", capsize=3, label=row)
+  ax.set_xscale("log")
+  ax.set_xlabel("set size n")
+  ax.set_ylabel("top-1 (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+  """Writes through a temporary file, so a kill never leaves a broken PNG."""
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp)

@@ -1,15 +1,20 @@
-"""Transfer read-out: pretrain on a (synthetic) set, then probe on a target.
+"""Transfer protocol: pretrain on a (synthetic) set, then read out on a target.
 
 Pretraining regresses a fresh network's head onto the set's target
 representations by MSE (SGD with momentum, weight decay, cosine schedule,
-crop + flip), then drops the head. The linear probe fits a ridge classifier
-on the frozen features of the labelled target's training split (the
-project's one ridge solver, `kernels.ridge.ridge_fit`) with the
-regularisation picked on a held-out part of it, and reports top-1 accuracy
-on the target's test split.
+crop + flip), then drops the head. Two read-outs on a labelled target:
+
+* `linear_probe`: a ridge classifier on the frozen features of the target's
+  training split (the project's one ridge solver, `kernels.ridge.ridge_fit`),
+  regularisation picked on a held-out part of it; top-1 on the test split.
+* `finetune`: a new linear head on the pretrained backbone, all layers
+  trained by cross-entropy (SGD + momentum, weight decay, cosine schedule,
+  crop + flip); top-1 on the test split.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +25,7 @@ import optax
 from distill import augment
 from distill.errors import DistillError
 from distill.loop import batch_indices, run_loop
-from distill.models import build_model, gradient_step, init_model
+from distill.models import apply_model, build_model, gradient_step, init_model
 from kernels.ridge import ridge_fit, with_bias
 
 
@@ -60,12 +65,10 @@ def pretrain(cfg: ml_collections.ConfigDict, images: np.ndarray, targets: np.nda
     raise DistillError(f"pretraining set has {len(images)} images but {n} targets")
   model = build_model(cfg.arch, num_outputs=d)
   num_steps = pretrain_steps(cfg, n)
-  schedule = optax.cosine_decay_schedule(cfg.lr, num_steps)
-  optimizer = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                          optax.sgd(schedule, momentum=cfg.momentum))
+  optimizer, step = _train_fns(make_pretrain_step, model, cfg.lr, cfg.momentum,
+                               cfg.weight_decay, num_steps, cfg.augment)
   variables = init_model(model, jax.random.key(seed), images.shape[1:])
   state = {"variables": variables, "opt_state": optimizer.init(variables["params"])}
-  step = make_pretrain_step(model, optimizer, cfg.augment)
   batch_size = min(cfg.batch_size, n)
   images_j, targets_j = jnp.asarray(images), jnp.asarray(targets)
 
@@ -127,3 +130,109 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
     raise DistillError("linear probe: ridge solve failed even with jitter; features degenerate")
   return {"accuracy": accuracy(weights, prep(test_features), test_labels),
           "reg": float(regs[best]), "val_accuracy": scores[best]}
+
+
+def with_new_head(backbone: dict, classifier_init: dict) -> dict:
+  """The classifier's variables with every backbone tensor copied in.
+
+  Args:
+    backbone: variables of a pretrained backbone (a `head` entry, if the
+      pretraining net had one, is dropped).
+    classifier_init: freshly initialised variables of the same architecture
+      with a `head` of the target's class count.
+  """
+  out = {}
+  for collection, tree in classifier_init.items():
+    pretrained = backbone.get(collection, {})
+    missing = set(tree) - set(pretrained) - {"head"}
+    if missing:
+      raise DistillError(f"pretrained backbone lacks {sorted(missing)[:4]} in {collection!r}; "
+                         f"architectures differ")
+    out[collection] = {k: (v if k == "head" else pretrained[k]) for k, v in tree.items()}
+  return out
+
+
+def make_finetune_step(model, optimizer, augment_images: bool):
+  """Jitted `(state, (images, labels), rng) -> (state, metrics)`: cross-entropy."""
+  def step(state, batch, rng):
+    images, labels = batch
+    if augment_images:
+      images = augment.random_crop_flip(rng, images)
+
+    def objective(features, logits):
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return gradient_step(model, optimizer, state, images, objective)
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.ndarray,
+             y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int,
+             workdir: str, name: str, quiet: bool = True) -> dict:
+  """Fine-tunes all layers of a pretrained backbone on a labelled target.
+
+  Args:
+    cfg: the `finetune` config section. arch: the backbone's arch config.
+    backbone: its pretrained variables (or a fresh initialisation).
+    x_train: (N, H, W, C) normalised float32 images; y_train: (N,) int labels.
+    x_test, y_test: the test split, same format.
+    seed: head initialisation and shuffling seed.
+    workdir, name: checkpoints go to `workdir/name` (resumable).
+
+  Returns:
+    {"accuracy": top-1 on the test split, "steps": optimiser steps}.
+  """
+  num_classes = int(max(y_train.max(), y_test.max())) + 1
+  n = len(x_train)
+  batch_size = min(cfg.batch_size, n)
+  num_steps = cfg.epochs * max(n // batch_size, 1)
+  model = build_model(arch, num_outputs=num_classes)
+  variables = with_new_head(backbone, init_model(model, jax.random.key(seed), x_train.shape[1:]))
+  # A copy: the train step donates its state, and the caller keeps the backbone.
+  variables = jax.tree.map(jnp.array, variables)
+  optimizer, step = _train_fns(make_finetune_step, model, cfg.lr, cfg.momentum,
+                               cfg.weight_decay, num_steps, cfg.augment)
+  state = {"variables": variables, "opt_state": optimizer.init(variables["params"])}
+  x_j, y_j = jnp.asarray(x_train), jnp.asarray(y_train, jnp.int32)
+
+  def batch_fn(i):
+    idx = jnp.asarray(batch_indices(seed + 7, i, n, batch_size))
+    return x_j[idx], y_j[idx]
+
+  state, _ = run_loop(name=name, workdir=workdir, state=state,
+                      step_fn=step,
+                      batch_fn=batch_fn, num_steps=num_steps, rng=jax.random.key(seed + 2000),
+                      log_every=max(num_steps // 5, 1), checkpoint_every=max(num_steps // 4, 1),
+                      quiet=quiet)
+  return {"accuracy": accuracy(model, state["variables"], x_test, y_test), "steps": num_steps}
+
+
+@functools.lru_cache(maxsize=64)
+def _train_fns(make_step, model, lr: float, momentum: float, weight_decay: float,
+               num_steps: int, augment_images: bool):
+  """(optimizer, jitted step) of SGD + momentum + weight decay with a cosine schedule.
+
+  Cached on its (hashable) settings: a results table runs the same
+  architecture and schedule many times, and each new jitted function would
+  compile again.
+  """
+  schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
+  optimizer = optax.chain(optax.add_decayed_weights(weight_decay),
+                          optax.sgd(schedule, momentum=momentum or None))
+  return optimizer, make_step(model, optimizer, augment_images)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_predict(model):
+  return jax.jit(lambda v, x: jnp.argmax(apply_model(model, v, x, train=False)[0][1], -1))
+
+
+def accuracy(model, variables: dict, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 500) -> float:
+  """Top-1 accuracy of a classifier's `outputs` (inference mode)."""
+  predict = _jitted_predict(model)
+  correct = sum(int(jnp.sum(predict(variables, jnp.asarray(images[i:i + batch_size]))
+                            == jnp.asarray(labels[i:i + batch_size])))
+                for i in range(0, len(images), batch_size))
+  return correct / len(images)

@@ -92,6 +92,7 @@ def bench_size(n: int, width: int, batch: int, pool_size: int, form: str, repeat
   phi_s = jnp.asarray(r.normal(size=(n, p)), jnp.float32)
   phi_t = jnp.asarray(r.normal(size=(batch, p)), jnp.float32)
   target = jnp.asarray(r.normal(size=(batch, dim)), jnp.float32)
+  targets = jnp.asarray(r.normal(size=(n, dim)), jnp.float32)  # the first was donated
   solve = jax.jit(jax.value_and_grad(
       lambda a, y: jnp.mean((target - krr_predict(a, y, phi_t, 1e-6, scaling="trace",
                                                   form=form)[0]) ** 2), argnums=(0, 1)))

@@ -35,7 +35,8 @@ KERNELS = ("nngp", "ntk")
 
 def convnet_stax(depth: int = 3, width: int = 128, norm: str = "none",
                  W_std: float = 2**0.5, b_std: float = 0.1,
-                 num_outputs: int = 10) -> tuple[Callable, Callable, Callable]:
+                 num_outputs: int = 10, pool: bool = True
+                 ) -> tuple[Callable, Callable, Callable]:
   """Returns the stax `(init_fn, apply_fn, kernel_fn)` of the ConvNet.
 
   Args:
@@ -45,6 +46,10 @@ def convnet_stax(depth: int = 3, width: int = 128, norm: str = "none",
     W_std: weight standard deviation (NTK parameterisation).
     b_std: bias standard deviation.
     num_outputs: width of the final Dense layer.
+    pool: False drops the AvgPool layers. Pooling makes the infinite-width
+      kernel carry the full spatial covariance, (H W)^2 numbers per pair of
+      images; without it only the diagonal, H W per pair, is needed, which
+      is what makes the kernel affordable at 32x32 on a CPU.
 
   Returns:
     The raw, unjitted stax triple; `apply_fn(params, x)` maps (n, H, W, C) to
@@ -57,7 +62,9 @@ def convnet_stax(depth: int = 3, width: int = 128, norm: str = "none",
                             b_std=b_std))
     if norm == "layer":
       blocks.append(stax.LayerNorm(axis=-1))
-    blocks += [stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2))]
+    blocks.append(stax.Relu())
+    if pool:
+      blocks.append(stax.AvgPool((2, 2), strides=(2, 2)))
   return stax.serial(*blocks, stax.Flatten(),
                      stax.Dense(num_outputs, W_std=W_std, b_std=b_std))
 
@@ -87,7 +94,8 @@ def dense_relu_stax(depth: int = 1, width: int = 512, W_std: float = 2**0.5,
 
 
 def convnet_kernel_fn(depth: int = 3, norm: str = "none",
-                      W_std: float = 2**0.5, b_std: float = 0.1) -> Callable:
+                      W_std: float = 2**0.5, b_std: float = 0.1,
+                      pool: bool = True) -> Callable:
   """Returns the jitted infinite-width kernel_fn of the ConvNet.
 
   Args:
@@ -96,15 +104,16 @@ def convnet_kernel_fn(depth: int = 3, norm: str = "none",
     norm: "none" or "layer".
     W_std: weight standard deviation.
     b_std: bias standard deviation.
+    pool: keep the AvgPool layers (see `convnet_stax`).
 
   Returns:
     `kernel_fn(x1, x2=None, get=("nngp", "ntk"))` with x1: (n1, H, W, C),
     x2: (n2, H, W, C) or None (meaning x1); returns (n1, n2) kernels.
   """
   _, _, kernel_fn = convnet_stax(depth=depth, norm=norm, W_std=W_std,
-                                 b_std=b_std)
+                                 b_std=b_std, pool=pool)
   return _validated(jax.jit(kernel_fn, static_argnames=("get",)), ndim=4,
-                    min_spatial=2**depth)
+                    min_spatial=2**depth if pool else 1)
 
 
 def dense_relu_kernel_fn(depth: int = 1, W_std: float = 2**0.5,

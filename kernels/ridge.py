@@ -123,20 +123,43 @@ def krr_predict(phi_s: jax.Array, y_s: jax.Array, phi_t: jax.Array, reg: float,
   n, p = phi_s.shape
   if form == "auto":
     form = "dual" if n <= p else "primal"
-  sq_fro = jnp.sum(phi_s * phi_s)
-  lam = regularization(sq_fro, n, reg, scaling)
   if form == "dual":
-    gram = phi_s @ phi_s.T
-    factor, ok, extra = _cholesky_with_jitter(gram, lam, sq_fro / n, jitter, retries)
-    alpha = jax.scipy.linalg.cho_solve((factor, True), y_s)
-    yhat = (phi_t @ phi_s.T) @ alpha
-  elif form == "primal":
+    return krr_predict_kernel(phi_s @ phi_s.T, phi_t @ phi_s.T, y_s, reg, scaling,
+                              jitter, retries)
+  if form == "primal":
+    sq_fro = jnp.sum(phi_s * phi_s)
+    lam = regularization(sq_fro, n, reg, scaling)
     gram = phi_s.T @ phi_s
     factor, ok, extra = _cholesky_with_jitter(gram, lam, sq_fro / p, jitter, retries)
     weights = jax.scipy.linalg.cho_solve((factor, True), phi_s.T @ y_s)
     yhat = phi_t @ weights
-  else:
-    raise ValueError(f"unknown ridge form {form!r}; expected 'dual', 'primal' or 'auto'")
+    return yhat, SolveInfo(ok=ok, lam=lam, jitter=extra)
+  raise ValueError(f"unknown ridge form {form!r}; expected 'dual', 'primal' or 'auto'")
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "jitter", "retries"))
+def krr_predict_kernel(k_ss: jax.Array, k_ts: jax.Array, y_s: jax.Array, reg: float,
+                       scaling: str = "trace_over_n", jitter: float = 1e-6,
+                       retries: int = 3):
+  """Dual-form ridge predictions from precomputed kernel matrices.
+
+  The entry point for kernels that have no explicit features (the NTK of
+  `kernels.ntk`); `krr_predict`'s dual form is this with a linear kernel.
+  Same regularisation convention (trace(K_ss) = sum of its diagonal) and
+  failure policy.
+
+  Args:
+    k_ss: (n, n) support kernel. k_ts: (m, n) query-support kernel.
+    y_s: (n, d) support targets.
+
+  Returns:
+    yhat (m, d), SolveInfo.
+  """
+  n = k_ss.shape[0]
+  trace = jnp.trace(k_ss)
+  lam = regularization(trace, n, reg, scaling)
+  factor, ok, extra = _cholesky_with_jitter(k_ss, lam, trace / n, jitter, retries)
+  yhat = k_ts @ jax.scipy.linalg.cho_solve((factor, True), y_s)
   return yhat, SolveInfo(ok=ok, lam=lam, jitter=extra)
 
 

@@ -5,6 +5,9 @@ import os
 import numpy as np
 import pytest
 
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SMOKE = os.path.join(ROOT, "experiments", "configs", "fashion_mnist_quickstart.py") + ":smoke"
+
 # Tests run on the CPU, and TF must not take a GPU where one exists.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -31,3 +34,18 @@ def blobs_npz(tmp_path_factory):
   x_test, y_test = make_blobs(60, seed=1)
   np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
   return str(path)
+
+
+def smoke_args(command, workdir, data, *extra):
+  """`distill` arguments of the smoke config on a given dataset."""
+  return [command, "--config", SMOKE, "--workdir", str(workdir),
+          "--set", f"data.source={data}", "--set", f"data.target={data}", *extra]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(blobs_npz, tmp_path_factory):
+  """One full smoke run: teacher -> KRR-ST -> export -> pretrain -> probe."""
+  from distill.cli import main
+  workdir = tmp_path_factory.mktemp("run")
+  assert main(smoke_args("run", workdir, blobs_npz)) == 0
+  return workdir

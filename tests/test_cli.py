@@ -1,7 +1,6 @@
 """End to end through the `distill` command, and its handling of bad input."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,28 +10,14 @@ import pytest
 
 from distill import export
 from distill.cli import main
+from tests.conftest import ROOT, smoke_args
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-SMOKE = os.path.join(ROOT, "experiments", "configs", "fashion_mnist_quickstart.py") + ":smoke"
-
-
-def _args(command, workdir, data, *extra):
-  return [command, "--config", SMOKE, "--workdir", str(workdir),
-          "--set", f"data.source={data}", "--set", f"data.target={data}", *extra]
 
 
 def _error(capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "\n" not in err, err
   return err
-
-
-@pytest.fixture(scope="module")
-def smoke_run(blobs_npz, tmp_path_factory):
-  """One full smoke run: teacher -> KRR-ST -> export -> pretrain -> probe."""
-  workdir = tmp_path_factory.mktemp("run")
-  assert main(_args("run", workdir, blobs_npz)) == 0
-  return workdir
 
 
 def test_end_to_end_run_writes_every_artefact(smoke_run):
@@ -43,10 +28,10 @@ def test_end_to_end_run_writes_every_artefact(smoke_run):
   assert synthetic.config["distill"]["num_synthetic"] == 12
   teacher = json.loads((smoke_run / "teacher" / "teacher.json").read_text())
   assert 0.0 <= teacher["info"]["probe"]["accuracy"] <= 1.0
-  results = json.loads((smoke_run / "transfer.json").read_text())
+  results = json.loads((smoke_run / "table.json").read_text())
   assert {r["row"] for r in results["runs"]} == {"none", "random", "krr_st"}
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
-  assert "krr_st" in (smoke_run / "transfer.md").read_text()
+  assert "krr_st" in (smoke_run / "table.md").read_text()
   for picture in ("synthetic_grid.png", "krr_st/loss.png", "teacher/loss.png"):
     assert (smoke_run / picture).stat().st_size > 0
   metrics = [json.loads(l) for l in (smoke_run / "krr_st" / "metrics.jsonl").open()]
@@ -55,7 +40,7 @@ def test_end_to_end_run_writes_every_artefact(smoke_run):
 
 def test_rerun_skips_finished_stages(smoke_run, blobs_npz):
   before = (smoke_run / "synthetic.npz").stat().st_mtime_ns
-  assert main(_args("run", smoke_run, blobs_npz)) == 0
+  assert main(smoke_args("run", smoke_run, blobs_npz)) == 0
   assert (smoke_run / "synthetic.npz").stat().st_mtime_ns == before
 
 
@@ -69,7 +54,7 @@ def test_inspect_prints_summary_and_grid(smoke_run, capsys, tmp_path):
 def test_other_config_on_same_workdir_is_refused_and_nothing_changes(smoke_run, blobs_npz,
                                                                       capsys):
   before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()}
-  assert main(_args("run", smoke_run, blobs_npz, "--set", "distill.steps=7")) == 2
+  assert main(smoke_args("run", smoke_run, blobs_npz, "--set", "distill.steps=7")) == 2
   err = _error(capsys)
   assert "different config" in err and "distill.steps" in err
   assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()} == before
@@ -78,7 +63,7 @@ def test_other_config_on_same_workdir_is_refused_and_nothing_changes(smoke_run, 
 def test_synthetic_set_larger_than_source_is_refused(smoke_run, blobs_npz, tmp_path, capsys):
   workdir = tmp_path / "big"
   shutil.copytree(smoke_run / "teacher", workdir / "teacher")
-  code = main(_args("krr-st", workdir, blobs_npz, "--set", "distill.num_synthetic=500"))
+  code = main(smoke_args("krr-st", workdir, blobs_npz, "--set", "distill.num_synthetic=500"))
   assert code == 2
   assert "num_synthetic=500 is larger than the source (96 images)" in _error(capsys)
   assert not (workdir / "synthetic.npz").exists()
@@ -89,7 +74,7 @@ def test_synthetic_set_larger_than_source_is_refused(smoke_run, blobs_npz, tmp_p
     ("data.source=/no/such/dir/data.npz", "does not exist"),
 ])
 def test_bad_settings_exit_2_with_one_line(override, message, blobs_npz, tmp_path, capsys):
-  args = _args("teacher", tmp_path / "w", blobs_npz)
+  args = smoke_args("teacher", tmp_path / "w", blobs_npz)
   assert main(args + ["--set", override]) == 2
   assert message in _error(capsys)
 
@@ -107,7 +92,7 @@ def test_bad_source_data_exit_2(tmp_path, capsys):
   Image.new("RGB", (9, 9)).save(mixed / "1.png")
   for source, message in ((empty, "empty"), (tmp_path / "nan.npz", "NaN"),
                           (tmp_path / "mixed", "size")):
-    assert main(_args("teacher", tmp_path / f"w_{source.name}", source)) == 2
+    assert main(smoke_args("teacher", tmp_path / f"w_{source.name}", source)) == 2
     assert message.lower() in _error(capsys).lower()
 
 

@@ -1,0 +1,299 @@
+"""Expert trajectories: the buffer that parameter matching learns from.
+
+An expert is a ConvNet with instance norm (no `batch_stats`, so its variables
+are a pure `params` pytree) trained on real source images with plain SGD and
+crop + flip augmentation. Its parameters are recorded at initialisation and
+after every epoch. Two objectives (config `experts.objective`):
+
+  * "ce": cross-entropy with the source labels (the source must have them);
+  * "mse": regression of the teacher's representations g(x) of the same
+    augmented views, so the buffer needs no labels at all.
+
+Buffer on disk, one file per expert, `<workdir>/experts/expert_XX.npz`:
+
+  params/<module>/<name>   (epochs + 1, *leaf shape), float32 or float16
+  meta                     0-d JSON string: objective, epochs, arch,
+                           num_outputs, image_shape, mean, std, dtype, ...
+
+A file is written atomically once its expert has finished, so an existing
+file is a finished expert and is skipped on a rerun; an expert killed half
+way resumes from its `run_loop` checkpoint (the trajectory so far is part of
+the checkpointed state).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import shutil
+import time
+from typing import NamedTuple
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distill import augment
+from distill.errors import DistillError
+from distill.loop import batch_indices, log, run_loop
+from distill.models import build_model
+
+OBJECTIVES = ("ce", "mse")
+DTYPES = ("float32", "float16")
+_SEP = "/"
+
+
+def supervised_loss(objective: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """The loss an expert (and a parameter-matching student) minimises.
+
+  Args:
+    objective: "ce" or "mse".
+    outputs: (B, k) network outputs.
+    targets: (B, k) class probabilities ("ce") or teacher representations ("mse").
+
+  Returns:
+    Scalar: mean cross-entropy, or the mean over batch and dims of the squared error.
+  """
+  if objective == "ce":
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(outputs), axis=-1))
+  return jnp.mean((outputs - targets) ** 2)
+
+
+def expert_model(arch, num_outputs: int) -> nn.Module:
+  """The expert / student network: a ConvNet whose variables are only `params`."""
+  if arch["name"] != "convnet" or arch.get("norm", "default") not in ("default", "instance",
+                                                                      "layer", "none"):
+    raise DistillError(f"experts need a ConvNet without batch norm, got arch {arch['name']!r} "
+                       f"with norm {arch.get('norm')!r} (set experts.arch)")
+  return build_model(arch, num_outputs=num_outputs)
+
+
+@functools.lru_cache(maxsize=None)
+def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: float,
+                     augment_images: bool, teacher_model: nn.Module | None = None):
+  """A jitted `(state, batch, rng, stats, teacher_vars) -> (state, metrics)` SGD step.
+
+  Cached on its (hashable) settings, so every expert of a run, and a resumed
+  run, reuses one executable.
+
+  The state is {"params", "opt_state", "trajectory"}, the trajectory holding
+  (epochs + 1, *leaf) snapshots. `batch` is (uint8 images (B,H,W,C), int
+  labels (B,) or None, slot): a slot > 0 records the updated parameters as
+  snapshot `slot` (the step ends epoch `slot`); slot 0 records nothing.
+  `stats` is (mean (C,), std (C,)) of the input normalisation.
+
+  Returns:
+    (jitted step, the optax optimizer).
+  """
+  optimizer = optax.sgd(lr, momentum=momentum or None)
+
+  def step(state, batch, rng, stats, teacher_vars):
+    images, labels, slot = batch
+    mean, std = stats
+    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    if augment_images:
+      x = augment.random_crop_flip(rng, x)
+    if objective == "ce":
+      targets = jax.nn.one_hot(labels, model.num_outputs)
+    else:
+      targets = jax.lax.stop_gradient(teacher_model.apply(teacher_vars, x)[0])
+
+    def loss_fn(params):
+      return supervised_loss(objective, model.apply({"params": params}, x)[1], targets)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    record = lambda traj, p: jax.lax.dynamic_update_index_in_dim(
+        traj, jnp.where(slot > 0, p, traj[slot]), slot, axis=0)
+    trajectory = jax.tree.map(record, state["trajectory"], params)
+    return ({"params": params, "opt_state": opt_state, "trajectory": trajectory},
+            {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+  return jax.jit(step, donate_argnums=0), optimizer
+
+
+# One executable per setting (eager, every op would compile on its own).
+@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
+def init_expert_state(model: nn.Module, optimizer, rng: jax.Array, image_shape: tuple,
+                      epochs: int) -> dict:
+  """{"params", "opt_state", "trajectory"} with snapshot 0 = the initial params."""
+  params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+  trajectory = jax.tree.map(
+      lambda p: jnp.zeros((epochs + 1, *p.shape), p.dtype).at[0].set(p), params)
+  return {"params": params, "opt_state": optimizer.init(params), "trajectory": trajectory}
+
+
+def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
+                 num_outputs: int, directory: str, index: int, seed: int,
+                 teacher=None, quiet: bool = False, meta: dict | None = None) -> str:
+  """Trains expert `index` and writes `directory/expert_XX.npz`; resumable.
+
+  Args:
+    cfg: the `experts` config section.
+    images: (N, H, W, C) uint8 source images. labels: (N,) int labels ("ce").
+    mean, std: (C,) normalisation of the expert's inputs.
+    num_outputs: head width (classes for "ce", teacher dim for "mse").
+    directory: buffer directory; progress and checkpoints go to
+      `directory/expert_XX/`.
+    index: expert number. seed: base seed (expert e uses seed and e).
+    teacher: a `teacher.Teacher` ("mse").
+    meta: extra metadata stored with the trajectory.
+
+  Returns:
+    The path of the written buffer file.
+  """
+  name = f"expert_{index:02d}"
+  path = os.path.join(directory, name + ".npz")
+  n = len(images)
+  batch_size = min(cfg.batch_size, n)
+  steps_per_epoch = max(n // batch_size, 1)
+  num_steps = cfg.epochs * steps_per_epoch
+  model = expert_model(cfg.arch, num_outputs)
+  step, optimizer = make_expert_step(model, cfg.objective, cfg.lr, cfg.momentum, cfg.augment,
+                                     None if teacher is None else teacher.model)
+  stats = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+  teacher_vars = None if teacher is None else teacher.variables
+  state = init_expert_state(model, optimizer, jax.random.fold_in(jax.random.key(seed), index),
+                            tuple(images.shape[1:]), cfg.epochs)
+  batch_seed = 1000 * seed + index
+
+  def batch_fn(i):
+    idx = batch_indices(batch_seed, i, n, batch_size)
+    done = i + 1
+    slot = done // steps_per_epoch if done % steps_per_epoch == 0 else 0
+    return images[idx], None if labels is None else labels[idx], np.int32(slot)
+
+  t0 = time.perf_counter()
+  state, history = run_loop(
+      name=name, workdir=directory, state=state,
+      step_fn=lambda s, b, r: step(s, b, r, stats, teacher_vars),
+      batch_fn=batch_fn, num_steps=num_steps,
+      rng=jax.random.fold_in(jax.random.key(seed + 1), index),
+      log_every=max(min(cfg.log_every, num_steps), 1), checkpoint_every=steps_per_epoch,
+      quiet=quiet)
+  info = dict(meta or {}, objective=cfg.objective, epochs=cfg.epochs, arch=cfg.arch.to_dict(),
+              num_outputs=num_outputs, image_shape=list(images.shape[1:]),
+              mean=[float(m) for m in mean], std=[float(s) for s in std], lr=cfg.lr,
+              dtype=cfg.dtype, seconds=time.perf_counter() - t0,
+              final_loss=history[-1]["loss"] if history else None)
+  save_trajectory(path, jax.device_get(state["trajectory"]), info, cfg.dtype)
+  # The finished file replaces the checkpoints, which hold the same trajectory.
+  shutil.rmtree(os.path.join(directory, name, "ckpt"), ignore_errors=True)
+  return path
+
+
+def save_trajectory(path: str, trajectory: dict, meta: dict, dtype: str = "float32") -> str:
+  """Writes a (epochs + 1, ...)-stacked params pytree and its metadata atomically."""
+  if dtype not in DTYPES:
+    raise DistillError(f"unknown experts.dtype {dtype!r}; expected one of {DTYPES}")
+  flat = flax.traverse_util.flatten_dict(trajectory, sep=_SEP)
+  arrays = {f"params{_SEP}{k}": np.asarray(v, dtype) for k, v in flat.items()}
+  arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def load_trajectory(path: str) -> tuple[dict, dict]:
+  """Reads `save_trajectory`'s file: (nested params of stacked arrays, meta)."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays.pop("meta").item())
+  except (OSError, ValueError, KeyError) as e:
+    raise DistillError(f"expert file {path} is unreadable: {' '.join(str(e).split())}") from e
+  prefix = "params" + _SEP
+  flat = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return flax.traverse_util.unflatten_dict(flat, sep=_SEP), meta
+
+
+class ExpertBuffer(NamedTuple):
+  """All experts of a buffer directory, held in memory in their stored dtype."""
+  trajectories: list   # per expert: nested params, leaves (epochs + 1, *shape)
+  meta: dict           # the first expert's metadata (shared fields are checked)
+
+  @property
+  def epochs(self) -> int:
+    return int(self.meta["epochs"])
+
+  def checkpoint(self, expert: int, epoch: int) -> dict:
+    """Expert `expert`'s float32 parameters after `epoch` epochs."""
+    return jax.tree.map(lambda t: np.asarray(t[epoch], np.float32), self.trajectories[expert])
+
+
+_SHARED_META = ("objective", "epochs", "arch", "num_outputs", "image_shape")
+
+
+def load_buffer(directory: str) -> ExpertBuffer:
+  """Loads every `expert_XX.npz` of `directory`, checking they belong together."""
+  paths = sorted(glob.glob(os.path.join(directory, "expert_[0-9]*.npz")))
+  if not paths:
+    raise DistillError(f"no expert trajectories in {directory} (run `distill experts` first)")
+  trajectories, metas = zip(*(load_trajectory(p) for p in paths))
+  for path, meta in zip(paths[1:], metas[1:]):
+    for key in _SHARED_META:
+      if meta.get(key) != metas[0].get(key):
+        raise DistillError(f"expert files disagree on {key}: {paths[0]} has "
+                           f"{metas[0].get(key)!r}, {path} has {meta.get(key)!r}")
+  return ExpertBuffer(list(trajectories), metas[0])
+
+
+def sample_checkpoints(buffer: ExpertBuffer, seed: int, step: int, max_start: int,
+                       expert_epochs: int) -> tuple[int, int, dict, dict]:
+  """Draws expert e and start epoch t < max_start for a step (deterministic in step).
+
+  Returns:
+    (e, t, theta*_t, theta*_{t+M}) with float32 params pytrees.
+  """
+  if max_start < 1 or max_start + expert_epochs > buffer.epochs + 1:
+    raise DistillError(f"param_match.max_start={max_start} with expert_epochs="
+                       f"{expert_epochs} needs more than the buffer's {buffer.epochs} epochs")
+  r = np.random.default_rng([seed, step])
+  e = int(r.integers(len(buffer.trajectories)))
+  t = int(r.integers(max_start))
+  return e, t, buffer.checkpoint(e, t), buffer.checkpoint(e, t + expert_epochs)
+
+
+def run_experts(config, workdir: str) -> ExpertBuffer:
+  """Trains the experts of `config.experts` into `<workdir>/experts/`; resumable."""
+  # Imported here: the pipeline module imports the stages.
+  from distill import data, teacher as teacher_lib
+  from distill.pipeline import load_source
+  cfg = config.experts
+  if cfg.objective not in OBJECTIVES:
+    raise DistillError(f"unknown experts.objective {cfg.objective!r}; expected one of "
+                       f"{OBJECTIVES}")
+  if cfg.dtype not in DTYPES:
+    raise DistillError(f"unknown experts.dtype {cfg.dtype!r}; expected one of {DTYPES}")
+  directory = os.path.join(workdir, "experts")
+  source = load_source(config)
+  teacher = None
+  if cfg.objective == "ce":
+    if source.labels is None:
+      raise DistillError(f"experts.objective='ce' needs labels, but the source "
+                         f"{source.name!r} has none; use experts.objective='mse'")
+    num_outputs = len(source.class_names or ()) or int(source.labels.max()) + 1
+    mean, std = data.channel_stats(source.images)
+  else:
+    teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
+    num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
+  log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
+      f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")
+  for e in range(cfg.num_experts):
+    path = os.path.join(directory, f"expert_{e:02d}.npz")
+    if os.path.exists(path):
+      continue
+    train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
+                 std, num_outputs, directory, e, config.seed, teacher=teacher,
+                 meta=dict(source=source.name))
+    log(f"[experts] wrote {path}")
+  return load_buffer(directory)

@@ -1,0 +1,349 @@
+"""InfoBatch: unbiased dynamic data pruning for any training loop.
+
+Each sample keeps the score (loss) it had the last time it was trained on.
+Before every epoch, `plan_epoch` drops at random a fraction `prune_ratio`
+(r) of the samples whose last score is below the mean of the seen scores
+(one Bernoulli draw per sample: O(1) each, no sorting) and gives the kept
+below-mean samples the loss weight 1 / (1 - r), so the expected weighted sum
+of per-sample gradients over an epoch equals the full-data sum. From epoch
+`anneal_start = int(delta * num_epochs)` on, every sample is used with
+weight 1 (annealing: the last epochs see the unbiased full objective).
+
+Scores start at +inf ("unseen"): an unseen sample is never below the mean,
+and the mean is taken over seen samples only, so nothing is pruned before
+a score exists; when all scores are equal none is strictly below the mean.
+
+Learning-rate schedules when the epoch length changes: the number of
+optimiser steps of a pruned run depends on the scores, so it is not known
+ahead of time. This module takes the *progress* route: the learning rate at
+a step is the ordinary full-data schedule evaluated at the same fraction of
+the run, measured in epochs (`epoch_progress`, `progress_schedule`), so
+warm-up and decay end exactly where they would without pruning.
+`full_data_steps` is the step count the schedule is defined on, and
+`expected_steps` estimates a pruned run's length ahead of time (for ETAs and
+budgets) from an assumed share of below-mean samples.
+
+`train_teacher` wires this to Barlow Twins training (see
+`weighted_barlow_twins_loss` for the per-sample score it uses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distill import augment, teacher as teacher_lib
+from distill.data import channel_stats
+from distill.errors import DistillError
+from distill.loop import Checkpointer, log, run_loop
+from distill.models import apply_model
+
+
+class EpochPlan(NamedTuple):
+  """What one epoch trains on.
+
+  Attributes:
+    indices: (M,) int64 ids of the kept samples, in random order.
+    weights: (M,) float32 loss weight of each kept sample (1 or 1 / (1 - r)).
+    num_pruned: how many of the N samples this epoch skips.
+  """
+  indices: np.ndarray
+  weights: np.ndarray
+  num_pruned: int
+
+
+def init_scores(num_samples: int) -> jax.Array:
+  """(N,) float32 scores, all +inf (unseen)."""
+  return jnp.full((num_samples,), jnp.inf, jnp.float32)
+
+
+def anneal_start(num_epochs: int, delta: float) -> int:
+  """First epoch trained on the full data with weights 1."""
+  return int(delta * num_epochs)
+
+
+@jax.jit
+def prune_mask(scores: jax.Array, key: jax.Array, prune_ratio: float):
+  """One pruning draw.
+
+  Args:
+    scores: (N,) last scores, +inf for unseen samples.
+    key: PRNG key. prune_ratio: r in [0, 1).
+
+  Returns:
+    (keep (N,) bool, weights (N,) float32): a below-mean sample is dropped
+    with probability r and weighted 1 / (1 - r) when kept; others weigh 1.
+  """
+  seen = jnp.isfinite(scores)
+  floor = jnp.min(jnp.where(seen, scores, jnp.inf))
+  # The mean as floor + mean excess: equal scores give exactly their value,
+  # so rounding can never put a sample "below the mean" of equal scores.
+  excess = jnp.where(seen, scores - floor, 0.0)
+  mean = floor + jnp.sum(excess) / jnp.maximum(jnp.sum(seen), 1)
+  below = seen & (scores < mean)
+  drop = below & jax.random.bernoulli(key, prune_ratio, scores.shape)
+  weights = jnp.where(below, 1.0 / (1.0 - prune_ratio), 1.0).astype(jnp.float32)
+  return ~drop, weights
+
+
+def plan_epoch(scores: jax.Array, epoch: int, key: jax.Array, *, num_epochs: int,
+               prune_ratio: float, delta: float) -> EpochPlan:
+  """The kept samples and their loss weights for `epoch`.
+
+  Args:
+    scores: (N,) last per-sample scores (`init_scores`, then `update`).
+    epoch: 0-based epoch; folded into `key`, so one base key serves a run.
+    key: base PRNG key. num_epochs: epochs of the run.
+    prune_ratio: r in [0, 1). delta: share of epochs that may prune.
+
+  Returns:
+    EpochPlan; from `anneal_start(num_epochs, delta)` on, all samples, weights 1.
+  """
+  if not 0.0 <= prune_ratio < 1.0:
+    raise DistillError(f"infobatch prune_ratio must be in [0, 1), got {prune_ratio}")
+  if not 0.0 <= delta <= 1.0:
+    raise DistillError(f"infobatch delta must be in [0, 1], got {delta}")
+  key_prune, key_order = jax.random.split(jax.random.fold_in(key, epoch))
+  n = scores.shape[0]
+  if epoch < anneal_start(num_epochs, delta) and prune_ratio > 0:
+    keep, weights = jax.device_get(prune_mask(scores, key_prune, prune_ratio))
+  else:
+    keep, weights = np.ones(n, bool), np.ones(n, np.float32)
+  # Shuffle all N and filter: one permutation shape per run, no recompiles.
+  perm = np.asarray(jax.random.permutation(key_order, n))
+  order = perm[np.asarray(keep)[perm]]
+  return EpochPlan(order.astype(np.int64), np.asarray(weights, np.float32)[order],
+                   int(n - len(order)))
+
+
+@jax.jit
+def update(scores: jax.Array, indices: jax.Array, new_scores: jax.Array) -> jax.Array:
+  """Scatters the (B,) scores just seen for samples `indices` into (N,) `scores`."""
+  return scores.at[indices].set(new_scores.astype(scores.dtype))
+
+
+def epoch_batches(plan: EpochPlan, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Full batches of (indices (B,), weights (B,)); the ragged tail is dropped.
+
+  Dropping the tail keeps one compiled step shape, as the unpruned loop does
+  (`loop.batch_indices`). An epoch with fewer than B kept samples cycles them
+  into one batch.
+  """
+  m = len(plan.indices)
+  if m < batch_size:
+    take = np.resize(np.arange(m), batch_size)
+    return [(plan.indices[take], plan.weights[take])]
+  return [(plan.indices[i:i + batch_size], plan.weights[i:i + batch_size])
+          for i in range(0, m - batch_size + 1, batch_size)]
+
+
+def skipped_fraction(plans: list[EpochPlan], num_samples: int) -> float:
+  """Realised share of sample-visits skipped: sum of num_pruned / (epochs * N)."""
+  if not plans:
+    return 0.0
+  return sum(p.num_pruned for p in plans) / (len(plans) * num_samples)
+
+
+def full_data_steps(num_samples: int, batch_size: int, num_epochs: int) -> int:
+  """Optimiser steps of the unpruned run (what schedules are defined on)."""
+  return num_epochs * max(num_samples // batch_size, 1)
+
+
+def expected_steps(num_samples: int, batch_size: int, num_epochs: int, prune_ratio: float,
+                   delta: float, below_mean_share: float = 0.5) -> int:
+  """Expected optimiser steps of a pruned run, assuming `below_mean_share` of the
+  samples sit below the mean score in every pruning epoch (after the first,
+  which has no scores yet). An estimate for ETAs; the schedule does not use it.
+  """
+  pruning_epochs = max(anneal_start(num_epochs, delta) - 1, 0)
+  kept = num_samples * (1.0 - prune_ratio * below_mean_share)
+  steps_pruned = max(int(kept) // batch_size, 1)
+  return (full_data_steps(num_samples, batch_size, num_epochs - pruning_epochs)
+          + pruning_epochs * steps_pruned)
+
+
+def epoch_progress(epoch: int, step_in_epoch: int, steps_in_epoch: int,
+                   num_epochs: int) -> float:
+  """Fraction of the run done before this step, in epochs: in [0, 1)."""
+  return (epoch + step_in_epoch / max(steps_in_epoch, 1)) / num_epochs
+
+
+def progress_schedule(schedule, full_steps: int):
+  """`progress -> lr`: the full-data `schedule(step)` at step progress * full_steps."""
+  return lambda progress: schedule(progress * full_steps)
+
+
+def weighted_barlow_twins_loss(z1: jax.Array, z2: jax.Array, weights: jax.Array,
+                               lambda_offdiag: float):
+  """Barlow Twins loss with per-sample weights, and per-sample scores.
+
+  Barlow Twins' loss is a function of the batch cross-correlation C, not a
+  sum over samples. Each sample enters C through the outer product of its
+  standardised projections a_i, b_i, so a weight rescales that contribution:
+  C = sum_i w_i a_i b_i^T / sum_i w_i (with w = 1 this is exactly
+  `teacher.barlow_twins_loss`). The standardisation stays unweighted.
+
+  The per-sample score is ||a_i - b_i||^2, the sample's share of the
+  invariance term: sum_i ||a_i - b_i||^2 / (2B) ~= sum_k (1 - C_kk) since
+  every column of a and b has unit variance.
+
+  Args:
+    z1, z2: (B, k) projections of the two views. weights: (B,) loss weights.
+
+  Returns:
+    (scalar loss, (B,) per-sample scores).
+  """
+  standardize = lambda z: (z - z.mean(0)) / (z.std(0) + 1e-5)
+  a, b = standardize(z1), standardize(z2)
+  c = (a * weights[:, None]).T @ b / jnp.sum(weights)
+  diag = jnp.diagonal(c)
+  on = jnp.sum((1.0 - diag) ** 2)
+  off = jnp.sum(c ** 2) - jnp.sum(diag ** 2)
+  return on + lambda_offdiag * off, jnp.sum((a - b) ** 2, -1)
+
+
+def make_teacher_step(model, optimizer, mean, std, lambda_offdiag: float, lr_fn):
+  """Jitted `(state, batch, rng) -> (state, metrics)` for weighted Barlow Twins.
+
+  state: {"variables", "opt_state" (optax.inject_hyperparams), "scores" (N,)}.
+  batch: (images uint8 (B,H,W,C), indices (B,), weights (B,), progress ()).
+  The learning rate is `lr_fn(progress)`; the batch's scores are scattered
+  into state["scores"].
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def step(state, batch, rng):
+    images, indices, weights, progress = batch
+    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    k1, k2 = jax.random.split(rng)
+    views = jnp.concatenate([augment.ssl_augment(k1, x, mean, std),
+                             augment.ssl_augment(k2, x, mean, std)])
+
+    def loss_fn(params):
+      variables = {**state["variables"], "params": params}
+      (_, z), variables = apply_model(model, variables, views, train=True)
+      z1, z2 = jnp.split(z, 2)
+      loss, scores = weighted_barlow_twins_loss(z1, z2, weights, lambda_offdiag)
+      return loss, (variables, scores)
+
+    params = state["variables"]["params"]
+    (loss, (variables, scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    lr = lr_fn(progress)
+    opt_state = state["opt_state"]
+    opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    variables = {**variables, "params": optax.apply_updates(params, updates)}
+    new_state = {"variables": variables, "opt_state": opt_state,
+                 "scores": update(state["scores"], indices, scores)}
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher_infobatch"):
+  """Trains the Barlow Twins teacher with InfoBatch pruning; saves `workdir/teacher`.
+
+  Uses `config.teacher` (its `infobatch` section: prune_ratio, delta;
+  prune_ratio 0 is plain training through the same code). Each epoch is one
+  `run_loop` call that checkpoints at its end; the epoch plans are logged to
+  `workdir/name/plans.json` before each epoch runs, so a killed run resumes
+  from the last finished epoch and replays the same plans.
+
+  Args:
+    config: full config. workdir: job directory.
+    images: (N, H, W, C) uint8 unlabelled source images.
+
+  Returns:
+    (teacher.Teacher, report dict with steps and the realised skipped share).
+  """
+  cfg, ib = config.teacher, config.teacher.infobatch
+  directory = os.path.join(workdir, "teacher")
+  report_path = os.path.join(workdir, name, "report.json")
+  if os.path.exists(os.path.join(directory, "teacher.json")) and os.path.exists(report_path):
+    with open(report_path) as f:
+      return teacher_lib.load_teacher(directory), json.load(f)
+  t0 = time.perf_counter()
+  n, image_shape = len(images), images.shape[1:]
+  batch_size = min(cfg.batch_size, n)
+  mean, std = channel_stats(images)
+  full_steps = full_data_steps(n, batch_size, cfg.epochs)
+  # The schedule of `teacher.make_optimizer`, driven by progress instead of step.
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, min(cfg.warmup_steps, max(full_steps // 10, 1)), max(full_steps, 2))
+  lr_fn = progress_schedule(schedule, full_steps)
+  optimizer = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0,
+                                                    weight_decay=cfg.weight_decay)
+  model = teacher_lib.build_barlow_twins(cfg)
+  state = teacher_lib.init_state(model, optimizer, jax.random.key(config.seed), image_shape)
+  state["scores"] = init_scores(n)
+  step_fn = make_teacher_step(model, optimizer, mean, std, cfg.lambda_offdiag, lr_fn)
+
+  job_dir = os.path.join(workdir, name)
+  os.makedirs(job_dir, exist_ok=True)
+  plans_path = os.path.join(job_dir, "plans.json")
+  done = Checkpointer(os.path.join(job_dir, "ckpt")).latest_step() or 0
+  records = _read_json(plans_path, [])
+  finished = [r for r in records if r["start"] + r["steps"] <= done]
+  if sum(r["steps"] for r in finished) != done:
+    raise DistillError(f"{plans_path} does not match the checkpoint at step {done}; "
+                       f"remove {job_dir} to start over")
+  if done:
+    state = Checkpointer(os.path.join(job_dir, "ckpt")).restore(done, state)
+    log(f"[{name}] resumed after epoch {len(finished)} (step {done})")
+  plan_key, step_key = jax.random.key(config.seed + 3), jax.random.key(config.seed + 1)
+  history = []
+  for epoch in range(len(finished), cfg.epochs):
+    plan = plan_epoch(state["scores"], epoch, plan_key, num_epochs=cfg.epochs,
+                      prune_ratio=ib.prune_ratio, delta=ib.delta)
+    batches = epoch_batches(plan, batch_size)
+    record = dict(epoch=epoch, start=done, steps=len(batches), kept=len(plan.indices),
+                  pruned=plan.num_pruned)
+    finished.append(record)
+    _write_json(plans_path, finished)
+
+    def batch_fn(i, start=done, batches=batches, epoch=epoch):
+      idx, w = batches[i - start]
+      progress = epoch_progress(epoch, i - start, len(batches), cfg.epochs)
+      return (images[idx], jnp.asarray(idx), jnp.asarray(w), jnp.float32(progress))
+
+    # log_every past the end: one metrics record per epoch, the epoch's mean.
+    end = done + len(batches)
+    state, history = run_loop(name=name, workdir=workdir, state=state, step_fn=step_fn,
+                              batch_fn=batch_fn, num_steps=end, rng=step_key,
+                              log_every=end + 1, checkpoint_every=0, quiet=True)
+    done += len(batches)
+    elapsed = time.perf_counter() - t0
+    log(f"[{name}] epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4g}  "
+        f"kept {len(plan.indices)}/{n}  steps {len(batches)}  {elapsed:.0f}s")
+  report = dict(num_images=n, epochs=cfg.epochs, batch_size=batch_size,
+                prune_ratio=ib.prune_ratio, delta=ib.delta, steps=done,
+                full_data_steps=full_steps, step_fraction=done / full_steps,
+                skipped_fraction=sum(r["pruned"] for r in finished) / (cfg.epochs * n),
+                pruned_per_epoch=[r["pruned"] for r in finished],
+                final_loss=history[-1]["loss"] if history else None,
+                train_seconds=time.perf_counter() - t0)
+  teacher_lib.save_teacher(directory, cfg.arch.to_dict(), state["variables"], mean, std,
+                           image_shape, dict(infobatch=report))
+  _write_json(report_path, report)
+  return teacher_lib.load_teacher(directory), report
+
+
+def _read_json(path: str, default):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)

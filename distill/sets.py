@@ -1,0 +1,154 @@
+"""The pretraining set of each row of the results table.
+
+    none     no pretraining (a fresh backbone)
+    random   n random real images, teacher targets (a new subset per seed)
+    kmeans   the real image nearest to each of n k-means centroids of the
+             teacher's features, teacher targets
+    kip      KIP with the ConvNet NTK: images + learned labels (supervised)
+    frepo    FRePo-style KRR with the KRR-ST pool: images + learned labels
+    krr_st   KRR-ST: images + learned teacher-space targets
+    iadd     importance-weighted parameter matching (distill/param_match.py)
+    mtt      the same with W = 1 (plain trajectory matching)
+    full     every source image, teacher targets (the upper reference)
+    teacher  the teacher's own backbone (a second reference)
+
+Set artefacts are `.npz` files under `<workdir>/sets/` (KRR-ST's main one is
+`<workdir>/synthetic.npz`); a row whose file exists is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from distill import data, export, kip as kip_lib, select
+from distill.config import to_dict
+from distill.errors import DistillError
+from distill.loop import batch_indices, log, run_loop
+from distill import pipeline
+
+ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "iadd", "mtt", "full",
+        "teacher")
+LEARNED = ("kip", "frepo", "krr_st", "iadd", "mtt")   # rows whose set is distilled
+
+
+def _real_set(method: str, idx: np.ndarray, source, teacher, config, seconds: float,
+              extra: dict | None = None) -> export.SyntheticSet:
+  images = data.normalize(source.images[idx], teacher.mean, teacher.std)
+  return export.SyntheticSet(
+      images=images, targets=teacher.features(images),
+      labels=None if source.labels is None else source.labels[idx].astype(np.int32),
+      method=method, source=source.name, teacher="barlow_twins", image_mean=teacher.mean,
+      image_std=teacher.std, config=to_dict(config), step=0,
+      extra=dict(seconds=seconds, indices=idx.tolist(), **(extra or {})))
+
+
+def random_set(config, workdir: str, n: int, seed: int, source, teacher) -> export.SyntheticSet:
+  """n random real images with teacher targets; one subset per evaluation seed."""
+  path = os.path.join(workdir, "sets", f"random_n{n}_seed{seed}.npz")
+  if os.path.exists(path):
+    return export.load_synthetic(path)
+  t0 = time.perf_counter()
+  idx = select.random_subset(len(source.images), n, 1000 + seed)
+  out = _real_set("random", idx, source, teacher, config, 0.0)
+  out.extra["seconds"] = time.perf_counter() - t0
+  export.save_synthetic(path, out)
+  return out
+
+
+def kmeans_set(config, workdir: str, n: int, source, teacher) -> export.SyntheticSet:
+  """The real images nearest to n k-means centroids of the teacher's features."""
+  path = os.path.join(workdir, "sets", f"kmeans_n{n}.npz")
+  if os.path.exists(path):
+    return export.load_synthetic(path)
+  t0 = time.perf_counter()
+  features = source_features(source, teacher)
+  idx = select.kmeans_coreset(features, n, config.seed)
+  out = _real_set("kmeans", idx, source, teacher, config, time.perf_counter() - t0)
+  export.save_synthetic(path, out)
+  export.save_image_grid(os.path.splitext(path)[0] + "_grid.png", out.images, out.image_mean,
+                         out.image_std)
+  log(f"[kmeans] wrote {path}")
+  return out
+
+
+def source_features(source, teacher) -> np.ndarray:
+  """(N, d) teacher features of the whole source, in chunks."""
+  chunks = [teacher.features(data.normalize(source.images[i:i + 2000], teacher.mean,
+                                            teacher.std))
+            for i in range(0, len(source.images), 2000)]
+  return np.concatenate(chunks)
+
+
+def kip_set(config, workdir: str, n: int, source, teacher) -> export.SyntheticSet:
+  """KIP: class-balanced real init, then images and labels fitted with the NTK."""
+  path = os.path.join(workdir, "sets", f"kip_n{n}.npz")
+  if os.path.exists(path):
+    return export.load_synthetic(path)
+  if source.labels is None:
+    raise DistillError(f"the kip row needs a labelled source; {source.name} has no labels")
+  cfg = config.kip
+  t0 = time.perf_counter()
+  idx = select.class_balanced_subset(source.labels, n, config.seed)
+  num_classes = int(source.labels.max()) + 1
+  method = kip_lib.KIP(cfg, teacher.mean, teacher.std)
+  state = method.init(data.normalize(source.images[idx], teacher.mean, teacher.std),
+                      np.eye(num_classes, dtype=np.float32)[source.labels[idx]])
+  num_source = len(source.images)
+  batch_size = min(cfg.batch_size, num_source)
+  name = f"kip_n{n}"
+  log(f"[{name}] KIP with the ConvNet NTK (depth {cfg.depth}, pool {cfg.pool}, downsample "
+      f"{cfg.downsample}): n={n}, {cfg.steps} steps")
+
+  def batch_fn(i):
+    b = batch_indices(config.seed, i, num_source, batch_size)
+    return source.images[b], source.labels[b]
+
+  def check(step, record):
+    if record["solve_ok"] < 1:
+      raise DistillError(f"[{name}] NTK ridge solve failed at step {step}; raise kip.reg")
+
+  state, history = run_loop(name=name, workdir=workdir, state=state, step_fn=method.step,
+                            batch_fn=batch_fn, num_steps=cfg.steps,
+                            rng=jax.random.key(config.seed + 3), log_every=cfg.log_every,
+                            checkpoint_every=max(cfg.steps // 4, 1), check_fn=check)
+  out = export.SyntheticSet(
+      images=np.asarray(state["synthetic"]["images"]),
+      targets=np.asarray(state["synthetic"]["targets"]),
+      labels=source.labels[idx].astype(np.int32), method="kip", source=source.name,
+      teacher="labels", image_mean=teacher.mean, image_std=teacher.std,
+      config=to_dict(config), step=cfg.steps,
+      extra=dict(seconds=time.perf_counter() - t0, init_indices=idx.tolist(),
+                 final_loss=history[-1]["loss"] if history else None))
+  pipeline.save_set(path, out, workdir, name, history)
+  return out
+
+
+def learned_set(row: str, config, workdir: str, n: int, source, teacher
+                ) -> export.SyntheticSet:
+  """The distilled set of a LEARNED row at size n (built if missing)."""
+  if row == "krr_st":
+    return pipeline.run_krr_st(config, workdir, n)
+  if row == "frepo":
+    return pipeline.run_krr_st(config, workdir, n, supervised=True)
+  if row == "kip":
+    return kip_set(config, workdir, n, source, teacher)
+  if row in ("iadd", "mtt"):
+    return param_match_set(row, config, workdir, n)
+  raise DistillError(f"row {row!r} has no learned set")
+
+
+def param_match_set(row: str, config, workdir: str, n: int) -> export.SyntheticSet:
+  """The parameter-matching set; trains the experts and distils if missing."""
+  from distill import experts, param_match  # loaded only when a table uses these rows
+  if n != config.param_match.num_synthetic:
+    raise DistillError(f"row {row!r}: param_match.num_synthetic is "
+                       f"{config.param_match.num_synthetic}, the table needs n={n}")
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.param_match.method = row
+  experts.run_experts(cfg, workdir)
+  return param_match.run_param_match(cfg, workdir)

@@ -1,0 +1,54 @@
+r"""The results table at CPU scale: CIFAR-10 source, n = 100, every row.
+
+Command (from the repository root, with ../shared/data beside it and
+Debian's dataset-fashion-mnist installed):
+  distill run --config experiments/configs/cifar10_table.py \
+      --workdir runs/cifar10_table
+
+Teacher, source and KRR-ST settings are those of cifar10_krr_st.py (same
+seed), so the teacher and synthetic.npz of that workdir may be copied into
+this one instead of recomputed. Rows: none, random, k-means, KIP (ConvNet
+NTK without pooling, 2x2-averaged inputs, depth 2), FRePo-style supervised
+KRR (the KRR-ST pool, learned labels), KRR-ST, full-source pretraining and
+the teacher itself. Pretraining on ConvNet-w32 and ResNet-10-w16; targets
+CIFAR-10 test, Imagenette-32 (val) and Fashion-MNIST (test), each read out
+by a ridge linear probe and by fine-tuning (1,000 training images, 10
+epochs), 3 seeds. Recorded result: experiments/results/cifar10_table.md.
+
+Variant `:sweep` adds the size sweep n = 100, 500, 1000 for random and
+KRR-ST (linear probe on CIFAR-10, ConvNet).
+"""
+
+import os
+
+from distill.config import load_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data"))
+
+
+def get_config(variant: str = ""):
+  c = load_config(os.path.join(HERE, "cifar10_krr_st.py"))
+  c.data.num_target_test = 2_000
+  c.eval.rows = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
+  c.eval.readouts = ("linear_probe", "finetune")
+  c.eval.archs = ("resnet10:16",)
+  c.eval.extra_targets = (os.path.join(SHARED, "imagenette32-png.tar.gz") + "|train|val",
+                          "/usr/share/datasets/fashion-mnist|train|test")
+  c.eval.full_epochs = 5
+  c.eval.results_path = os.path.normpath(os.path.join(HERE, "..", "results", "cifar10_table"))
+  c.pretrain.epochs = 200
+  c.finetune.num_train = 1_000
+  c.finetune.epochs = 10
+  c.finetune.lr = 0.05         # few steps (80), so a larger step than the paper's 0.01
+  c.kip.steps = 300
+  c.kip.batch_size = 128
+  c.kip.depth = 2
+  c.kip.downsample = 2
+  c.kip.lr_images = 1e-3
+  c.kip.lr_targets = 1e-3
+  if variant == "sweep":
+    c.eval.sizes = (500, 1000)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; expected '' or 'sweep'")
+  return c

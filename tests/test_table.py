@@ -1,0 +1,161 @@
+"""The transfer protocol and the results table, on tiny shapes."""
+
+import json
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from distill import export, table, transfer
+from distill.cli import main
+from distill.config import load_config
+from distill.errors import DistillError
+from distill.models import build_model, init_model
+from tests.conftest import SMOKE, make_blobs, smoke_args
+
+
+def _finetune_cfg(epochs):
+  return ml_collections.ConfigDict(dict(epochs=epochs, batch_size=32, lr=0.05, momentum=0.9,
+                                        weight_decay=5e-4, augment=False, num_train=0))
+
+
+def test_finetune_raises_accuracy_on_a_separable_task(tmp_path):
+  x, y = make_blobs(160, seed=5)
+  xt, yt = make_blobs(90, seed=6)
+  norm = lambda a: (a.astype(np.float32) / 255.0 - 0.4) / 0.3
+  arch = dict(name="convnet", width=8, depth=2, norm="default")
+  backbone = init_model(build_model(arch), jax.random.key(0), (16, 16, 3))
+  before = transfer.finetune(_finetune_cfg(0), arch, backbone, norm(x), y, norm(xt), yt, 0,
+                             str(tmp_path), "ft0")
+  after = transfer.finetune(_finetune_cfg(15), arch, backbone, norm(x), y, norm(xt), yt, 0,
+                            str(tmp_path), "ft15")
+  assert after["accuracy"] > 0.9 > before["accuracy"] + 0.2, (before, after)
+
+
+def test_new_head_keeps_the_backbone_and_refuses_other_architectures():
+  arch = dict(name="convnet", width=8, depth=2, norm="default")
+  pretrained = init_model(build_model(arch, num_outputs=5), jax.random.key(1), (16, 16, 3))
+  fresh = init_model(build_model(arch, num_outputs=3), jax.random.key(2), (16, 16, 3))
+  merged = transfer.with_new_head(pretrained, fresh)
+  np.testing.assert_array_equal(merged["params"]["Conv_0"]["kernel"],
+                                pretrained["params"]["Conv_0"]["kernel"])
+  assert merged["params"]["head"]["kernel"].shape == (128, 3)
+  other = init_model(build_model(dict(arch, depth=1)), jax.random.key(3), (16, 16, 3))
+  with pytest.raises(DistillError, match="architectures differ"):
+    transfer.with_new_head(other, fresh)
+
+
+def _runs():
+  r = np.random.default_rng(0)
+  return [dict(row=row, arch="convnet-w8", target=t, readout=ro, n=12, seed=s,
+               accuracy=float(r.uniform()), set_seconds=1.5, pretrain_seconds=float(s),
+               readout_seconds=0.25)
+          for row in ("none", "krr_st") for t in ("a", "b") for ro in table.READOUTS
+          for s in (0, 1, 2)]
+
+
+def test_table_writer_round_trips_and_summarises():
+  runs = _runs()
+  assert table.read_csv(table.format_csv({"runs": runs})) == runs
+  summary = table.summarize(runs)
+  assert len(summary) == 2 * 2 * 2
+  for s in summary:
+    acc = [r["accuracy"] for r in runs if (r["row"], r["target"], r["readout"])
+           == (s["row"], s["target"], s["readout"])]
+    assert s["mean"] == pytest.approx(np.mean(acc))
+    assert s["std"] == pytest.approx(np.std(acc, ddof=1))
+    assert s["seeds"] == 3 and s["pretrain_seconds"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.rows=('none', 'nope')", "unknown eval.rows"),
+    ("eval.readouts=('probe',)", "eval.readouts"),
+    ("eval.archs=('vgg',)", "unknown architecture"),
+    ("eval.archs=('resnet10:x',)", "not an integer"),
+    ("eval.extra_targets=('a|b',)", "expected 'dataset'"),
+    ("eval.seeds=()", "eval.seeds is empty"),
+])
+def test_plan_rejects_bad_settings(override, message):
+  with pytest.raises(DistillError, match=message):
+    table.plan(load_config(SMOKE, [override]))
+
+
+ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
+
+
+def _table_args(workdir, data, other, *extra):
+  return smoke_args(
+      "table", workdir, data, "--set", f"eval.rows={ROWS}",
+      "--set", "eval.readouts=('linear_probe','finetune')",
+      "--set", f"eval.extra_targets=('{other}',)", "--set", "eval.seeds=(0,)",
+      "--set", "kip.steps=3", "--set", "kip.depth=1", "--set", "finetune.epochs=1",
+      "--set", "eval.full_epochs=1", "--set", f"eval.results_path={workdir / 'out' / 'small'}",
+      *extra)
+
+
+@pytest.fixture(scope="module")
+def small_table(smoke_run, blobs_npz, tmp_path_factory):
+  """Every row, both read-outs, two targets, on the smoke run's teacher and set."""
+  workdir = tmp_path_factory.mktemp("table")
+  shutil.copytree(smoke_run / "teacher", workdir / "teacher")
+  shutil.copy(smoke_run / "synthetic.npz", workdir / "synthetic.npz")
+  x, y = make_blobs(60, size=12, seed=3)
+  xt, yt = make_blobs(30, size=12, seed=4)
+  other = workdir / "other.npz"
+  np.savez(other, x_train=x, y_train=y, x_test=xt, y_test=yt)
+  args = lambda *extra: _table_args(workdir, blobs_npz, other, *extra)
+  assert main(args()) == 0
+  return workdir, args
+
+
+def test_table_has_every_entry_and_output(small_table):
+  workdir, _ = small_table
+  runs = json.loads((workdir / "table.json").read_text())["runs"]
+  assert {(r["row"], r["target"], r["readout"], r["seed"], r["n"]) for r in runs} == {
+      (row, t, ro, 0, 12) for row in ROWS for t in ("blobs", "other") for ro in table.READOUTS}
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+  markdown = (workdir / "out" / "small.md").read_text()
+  for row in ROWS:
+    assert f"| {row} |" in markdown
+  assert "### other, finetune" in markdown and "### Cost" in markdown
+  assert len(table.read_csv((workdir / "out" / "small.csv").read_text())) == len(runs)
+  for built in ("kip_n12", "frepo_n12", "kmeans_n12", "random_n12_seed0"):
+    assert (workdir / "sets" / f"{built}.npz").exists()
+  assert export.load_synthetic(str(workdir / "sets" / "frepo_n12.npz")).targets.shape == (12, 3)
+
+
+def test_table_resumes_without_redoing_work_and_accepts_a_new_seed(small_table):
+  workdir, args = small_table
+  before = json.loads((workdir / "table.json").read_text())["runs"]
+  assert main(args()) == 0
+  assert json.loads((workdir / "table.json").read_text())["runs"] == before
+  # Rows and seeds only select entries; they may change on an existing workdir.
+  assert main(args("--set", "eval.rows=('none',)", "--set", "eval.seeds=(0,1)")) == 0
+  after = json.loads((workdir / "table.json").read_text())["runs"]
+  assert after[:len(before)] == before
+  assert {(r["row"], r["seed"]) for r in after[len(before):]} == {("none", 1)}
+
+
+def test_a_changed_protocol_setting_is_refused(small_table, capsys):
+  _, args = small_table
+  assert main(args("--set", "finetune.epochs=2")) == 2
+  assert "finetune.epochs" in capsys.readouterr().err
+
+
+def test_size_sweep_plan_and_plot(tmp_path):
+  config = load_config(SMOKE, ["eval.sizes=(6, 12, 24)", "eval.rows=('none','krr_st')",
+                               f"eval.results_path={tmp_path / 'r'}"])
+  jobs = table.plan(config)
+  assert [(j.n, j.rows, j.readouts) for j in jobs] == [
+      (12, ("none", "krr_st"), ("linear_probe",)),
+      (6, ("random", "krr_st"), ("linear_probe",)),
+      (24, ("random", "krr_st"), ("linear_probe",))]
+  runs = [dict(row=row, arch="convnet-w8", target="t", readout="linear_probe", n=n, seed=s,
+               accuracy=0.5 + n / 100, set_seconds=0.0, pretrain_seconds=0.0,
+               readout_seconds=0.0)
+          for row in ("random", "krr_st") for n in (6, 12, 24) for s in (0, 1)]
+  table.write_outputs({"runs": runs}, config, str(tmp_path))
+  assert (tmp_path / "r_size_sweep.png").stat().st_size > 0
+  assert "| krr_st | 24 | 74.00 ± 0.00 |" in (tmp_path / "r.md").read_text()
