@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   # KRR-ST distillation.
   c.distill = ml_collections.ConfigDict(dict(
       num_synthetic=1000,
-      init="random",           # how the synthetic images are drawn from the source
+      init="random",           # start images: "random", "kmeans" (teacher features) or
+                               # "pruned" (among <workdir>/source_pruning.npz's indices)
       steps=160_000,
       batch_size=1024,         # real images per outer step
       lr_images=1e-4,

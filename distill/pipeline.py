@@ -220,16 +220,13 @@ def run_krr_st(config, workdir: str, n: int | None = None,
   if n > num_source:
     raise DistillError(f"distill.num_synthetic={n} is larger than the source "
                        f"({num_source} images)")
-  if cfg.init != "random":
-    raise DistillError(f"unknown distill.init {cfg.init!r}; expected 'random'")
+  if cfg.init not in INITS:
+    raise DistillError(f"unknown distill.init {cfg.init!r}; expected one of {INITS}")
   if supervised and source.labels is None:
     raise DistillError(f"the frepo row needs a labelled source; {source.name} has no labels")
   t0 = time.perf_counter()
   name = row if n == cfg.num_synthetic else f"{row}_n{n}"
-  if supervised:
-    init_idx = select.class_balanced_subset(source.labels, n, config.seed)
-  else:
-    init_idx = select.random_subset(num_source, n, config.seed)
+  init_idx = initial_indices(cfg.init, config.seed, workdir, source, teacher, n, supervised)
   x0 = data.normalize(source.images[init_idx], teacher.mean, teacher.std)
   if supervised:
     num_classes = int(source.labels.max()) + 1
@@ -275,6 +272,42 @@ def run_krr_st(config, workdir: str, n: int | None = None,
                  init_indices=init_idx.tolist()))
   save_set(out_path, synthetic, workdir, name, history)
   return synthetic
+
+
+INITS = ("random", "kmeans", "pruned")
+
+
+def initial_indices(init: str, seed: int, workdir: str, source, teacher, n: int,
+                    supervised: bool = False) -> np.ndarray:
+  """Which n source images a learned set starts from (`distill.init`).
+
+  "random": uniformly at random (class-balanced for the supervised variant);
+  "kmeans": the image nearest to each of n k-means centroids of the teacher's
+  features; "pruned": at random among the source indices kept by `distill
+  prune-source` (`<workdir>/source_pruning.npz`, same source settings).
+
+  Returns:
+    (n,) sorted int indices into `source.images`.
+  """
+  if init == "kmeans":
+    from distill import sets  # sets builds on this module
+    return select.kmeans_coreset(sets.source_features(source, teacher), n, seed)
+  if init == "pruned":
+    from distill import source_pruning
+    path = os.path.join(workdir, "source_pruning.npz")
+    if not os.path.exists(path):
+      raise DistillError(f"distill.init='pruned' needs {path}; run `distill prune-source` first")
+    kept = np.asarray(source_pruning.load_pruning(path).indices)
+    if kept.size and kept.max() >= len(source.images):
+      raise DistillError(f"{path} indexes images beyond the source ({len(source.images)}); "
+                         f"it was made with other data settings")
+    if n > kept.size:
+      raise DistillError(f"distill.init='pruned': {n} images requested but the pruned source "
+                         f"keeps {kept.size}")
+    return np.sort(kept[select.random_subset(kept.size, n, seed)])
+  if supervised:
+    return select.class_balanced_subset(source.labels, n, seed)
+  return select.random_subset(len(source.images), n, seed)
 
 
 def save_set(out_path: str, synthetic: export.SyntheticSet, workdir: str, name: str,
