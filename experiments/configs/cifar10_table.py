@@ -13,7 +13,8 @@ KRR (the KRR-ST pool, learned labels), KRR-ST, full-source pretraining and
 the teacher itself. Pretraining on ConvNet-w32 and ResNet-10-w16; targets
 CIFAR-10 test, Imagenette-32 (val) and Fashion-MNIST (test), each read out
 by a ridge linear probe and by fine-tuning (1,000 training images, 10
-epochs), 3 seeds. Recorded result: experiments/results/cifar10_table.md.
+epochs), 3 seeds. Recorded result (ConvNet column only, `--set eval.archs=()`):
+experiments/results/cifar10_table.md.
 
 Variant `:sweep` adds the size sweep n = 100, 500, 1000 for random and
 KRR-ST (linear probe on CIFAR-10, ConvNet).
