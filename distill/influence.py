@@ -53,10 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import augment
+from distill import augment, files
 from distill.errors import DistillError
 from distill.loop import log
-from distill.source_pruning import write_atomic
 from kernels.ridge import ridge_fit, with_bias
 
 ARTEFACT = "influence.npz"
@@ -208,7 +207,7 @@ def run_influence(config, workdir: str) -> dict:
               reg=cfg.reg, lam=lam, feature_dim=teacher.dim)
   buffer = io.BytesIO()
   np.savez(buffer, meta=json.dumps(meta), **out)
-  write_atomic(out_path, buffer.getvalue())
+  files.write_atomic(out_path, buffer.getvalue())
   for name in ("self_influence", "duplicate"):
     top = np.argsort(-out[name], kind="stable")[:5]
     log(f"[influence] highest {name}: " + ", ".join(f"#{i} ({out[name][i]:.3g})" for i in top))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, teacher as teacher_lib
+from distill import augment, files, teacher as teacher_lib
 from distill.data import channel_stats
 from distill.errors import DistillError
 from distill.loop import Checkpointer, log, run_loop
@@ -290,7 +290,7 @@ def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher
   os.makedirs(job_dir, exist_ok=True)
   plans_path = os.path.join(job_dir, "plans.json")
   done = Checkpointer(os.path.join(job_dir, "ckpt")).latest_step() or 0
-  records = _read_json(plans_path, [])
+  records = files.read_json(plans_path, [])
   finished = [r for r in records if r["start"] + r["steps"] <= done]
   if sum(r["steps"] for r in finished) != done:
     raise DistillError(f"{plans_path} does not match the checkpoint at step {done}; "
@@ -307,7 +307,7 @@ def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher
     record = dict(epoch=epoch, start=done, steps=len(batches), kept=len(plan.indices),
                   pruned=plan.num_pruned)
     finished.append(record)
-    _write_json(plans_path, finished)
+    files.write_json(plans_path, finished)
 
     def batch_fn(i, start=done, batches=batches, epoch=epoch):
       idx, w = batches[i - start]
@@ -332,18 +332,5 @@ def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher
                 train_seconds=time.perf_counter() - t0)
   teacher_lib.save_teacher(directory, cfg.arch.to_dict(), state["variables"], mean, std,
                            image_shape, dict(infobatch=report))
-  _write_json(report_path, report)
+  files.write_json(report_path, report)
   return teacher_lib.load_teacher(directory), report
-
-
-def _read_json(path: str, default):
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from distill import data, export, plots, select, teacher as teacher_lib, transfer
+from distill import data, export, files, plots, select, teacher as teacher_lib, transfer
 from distill.config import to_dict
 from distill.errors import DistillError
 from distill.krr_st import KRRST
@@ -57,9 +57,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise DistillError(f"workdir {workdir} was made with a different config (differs at: "
                          f"{', '.join(diff[:8])}); use a new --workdir")
     return
-  with open(path + ".tmp", "w") as f:
-    json.dump(current, f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.write_json(path, current)
 
 
 def _diff_keys(a, b, prefix=""):
@@ -326,29 +324,11 @@ def run(config, workdir: str) -> dict:
   """All stages: teacher -> KRR-ST -> export -> the results table."""
   from distill import table  # table builds on this module
   prepare_workdir(config, workdir)
-  timings = read_json(os.path.join(workdir, "timings.json"), default={})
+  timings = files.read_json(os.path.join(workdir, "timings.json"), default={})
   for stage, fn in (("teacher", run_teacher), ("krr_st", run_krr_st),
                     ("table", table.run_table)):
     t0 = time.perf_counter()
     out = fn(config, workdir)
     timings.setdefault(stage, time.perf_counter() - t0)
-    write_json(os.path.join(workdir, "timings.json"), timings)
+    files.write_json(os.path.join(workdir, "timings.json"), timings)
   return out
-
-
-def read_json(path: str, default):
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_json(path: str, obj) -> None:
-  write_text(path, json.dumps(obj, indent=1))
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes through a temporary file, so a kill never leaves half a file."""
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)

@@ -35,11 +35,14 @@ ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "iadd", "mtt", "fu
 LEARNED = ("kip", "frepo", "krr_st", "iadd", "mtt")   # rows whose set is distilled
 
 
-def _real_set(method: str, idx: np.ndarray, source, teacher, config, seconds: float,
+def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
               extra: dict | None = None) -> export.SyntheticSet:
+  """Real images with teacher targets; `extra.seconds` counts from `t0` (perf_counter)."""
   images = data.normalize(source.images[idx], teacher.mean, teacher.std)
+  targets = teacher.features(images)
+  seconds = time.perf_counter() - t0
   return export.SyntheticSet(
-      images=images, targets=teacher.features(images),
+      images=images, targets=targets,
       labels=None if source.labels is None else source.labels[idx].astype(np.int32),
       method=method, source=source.name, teacher="barlow_twins", image_mean=teacher.mean,
       image_std=teacher.std, config=to_dict(config), step=0,
@@ -53,8 +56,7 @@ def random_set(config, workdir: str, n: int, seed: int, source, teacher) -> expo
     return export.load_synthetic(path)
   t0 = time.perf_counter()
   idx = select.random_subset(len(source.images), n, 1000 + seed)
-  out = _real_set("random", idx, source, teacher, config, 0.0)
-  out.extra["seconds"] = time.perf_counter() - t0
+  out = _real_set("random", idx, source, teacher, config, t0)
   export.save_synthetic(path, out)
   return out
 
@@ -67,7 +69,7 @@ def kmeans_set(config, workdir: str, n: int, source, teacher) -> export.Syntheti
   t0 = time.perf_counter()
   features = source_features(source, teacher)
   idx = select.kmeans_coreset(features, n, config.seed)
-  out = _real_set("kmeans", idx, source, teacher, config, time.perf_counter() - t0)
+  out = _real_set("kmeans", idx, source, teacher, config, t0)
   export.save_synthetic(path, out)
   export.save_image_grid(os.path.splitext(path)[0] + "_grid.png", out.images, out.image_mean,
                          out.image_std)

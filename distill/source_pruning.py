@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, data
+from distill import augment, data, files
 from distill.errors import DistillError
 from distill.loop import batch_indices, log, run_loop
 from distill.models import build_model, extract_features, gradient_step, init_model
@@ -212,7 +212,7 @@ def save_pruning(path: str, result: PruningResult, meta: dict) -> None:
   np.savez(buffer, method=result.method, keep_fraction=result.keep_fraction,
            votes=result.votes, kept_groups=result.kept_groups, indices=result.indices,
            groups=result.groups, meta=json.dumps(meta))
-  write_atomic(path, buffer.getvalue())
+  files.write_atomic(path, buffer.getvalue())
 
 
 def load_pruning(path: str) -> PruningResult:
@@ -222,14 +222,6 @@ def load_pruning(path: str) -> PruningResult:
                            f["groups"], float(f["keep_fraction"]))
   except (OSError, KeyError, ValueError) as e:
     raise DistillError(f"cannot read source pruning file {path}: {e}") from e
-
-
-def write_atomic(path: str, payload: bytes) -> None:
-  """Writes bytes to `path` via a temp file and a rename: never half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(payload)
-  os.replace(tmp, path)
 
 
 def run_prune_source(config, workdir: str) -> PruningResult:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from distill import data, pipeline, plots, sets, teacher as teacher_lib, transfer
+from distill import data, files, pipeline, plots, sets, teacher as teacher_lib, transfer
 from distill.errors import DistillError
 from distill.loop import log
 from distill.models import ARCHS, extract_features
@@ -96,12 +96,13 @@ def plan(config) -> list[Job]:
   return jobs
 
 
-def _backbone(row, n, arch, seed, config, workdir, source, teacher):
+def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict):
   """(model, variables, set seconds, pretraining seconds) of a row.
 
   The backbone is pretrained on the row's set, fresh (`none`) or the teacher.
   Set seconds come from the set's artefact (the time it took to build);
-  pretraining seconds time this call's pretraining only.
+  pretraining seconds time this call's pretraining only. `cache` keeps the
+  full source's images and teacher targets across seeds and architectures.
   """
   if row == "none":
     return (*transfer.fresh_backbone(ml_collections.ConfigDict({"arch": arch}),
@@ -112,12 +113,14 @@ def _backbone(row, n, arch, seed, config, workdir, source, teacher):
   with pre.unlocked():
     pre.arch = ml_collections.ConfigDict(arch)
   if row == "full":
-    t0 = time.perf_counter()
-    images = data.normalize(source.images, teacher.mean, teacher.std)
-    targets = sets.source_features(source, teacher)
+    if "full" not in cache:
+      t0 = time.perf_counter()
+      images = data.normalize(source.images, teacher.mean, teacher.std)
+      targets = sets.source_features(source, teacher)
+      cache["full"] = images, targets, time.perf_counter() - t0  # teacher targets of all
+    images, targets, set_seconds = cache["full"]
     with pre.unlocked():
       pre.epochs = config.eval.full_epochs
-    set_seconds = time.perf_counter() - t0  # the teacher's targets for every image
   else:
     if row == "random":
       s = sets.random_set(config, workdir, n, seed, source, teacher)
@@ -140,9 +143,9 @@ def run_table(config, workdir: str) -> dict:
   source = pipeline.load_source(config)
   image_shape = source.images.shape[1:]
   path = os.path.join(workdir, "table.json")
-  results = pipeline.read_json(path, {"runs": []})
+  results = files.read_json(path, {"runs": []})
   done = {_key(r) for r in results["runs"]}
-  targets = {}
+  targets, cache = {}, {}
   for job in jobs:
     for seed in config.eval.seeds:
       for arch_lbl, arch in job.archs:
@@ -154,7 +157,7 @@ def run_table(config, workdir: str) -> dict:
           if not todo:
             continue
           model, variables, set_s, pretrain_s = _backbone(row, job.n, arch, seed, config,
-                                                          workdir, source, teacher)
+                                                          workdir, source, teacher, cache)
           for (t_lbl, spec), readout in todo:
             if t_lbl not in targets:
               targets[t_lbl] = pipeline.load_target(config, image_shape, teacher.mean,
@@ -169,7 +172,7 @@ def run_table(config, workdir: str) -> dict:
                 f"seed {seed}: {100 * acc:.2f}%")
             results["runs"].append(run)
             done.add(_key(run))
-            pipeline.write_json(path, results)
+            files.write_json(path, results)
   results["teacher"] = {"probe": teacher.info.get("probe", {}).get("accuracy"),
                         "train_seconds": teacher.info.get("train_seconds")}
   write_outputs(results, config, workdir)
@@ -291,10 +294,10 @@ def read_csv(text: str) -> list[dict]:
 
 def write_outputs(results: dict, config, workdir: str) -> None:
   results["summary"] = summarize(results["runs"])
-  pipeline.write_json(os.path.join(workdir, "table.json"), results)
-  pipeline.write_text(os.path.join(workdir, "table.csv"), format_csv(results))
+  files.write_json(os.path.join(workdir, "table.json"), results)
+  files.write_atomic(os.path.join(workdir, "table.csv"), format_csv(results))
   markdown = format_markdown(results, config)
-  pipeline.write_text(os.path.join(workdir, "table.md"), markdown)
+  files.write_atomic(os.path.join(workdir, "table.md"), markdown)
   series = {}
   for s in results["summary"]:
     if (s["readout"] == "linear_probe" and s["row"] in config.eval.sweep_rows
@@ -310,6 +313,6 @@ def write_outputs(results: dict, config, workdir: str) -> None:
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     for ext in (".json", ".csv"):
       shutil.copyfile(os.path.join(workdir, "table" + ext), prefix + ext)
-    pipeline.write_text(prefix + ".md", markdown)
+    files.write_atomic(prefix + ".md", markdown)
     if png:
       shutil.copyfile(png, prefix + "_size_sweep.png")

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from distill import augment
+from distill import augment, files
 from distill.errors import DistillError
 from distill.models import build_model, extract_features, gradient_step, init_model
 
@@ -129,9 +129,9 @@ def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
   backbone = {k: v["backbone"] for k, v in bt_variables.items() if "backbone" in v}
   meta = dict(arch=dict(arch), mean=[float(m) for m in mean], std=[float(s) for s in std],
               image_shape=list(image_shape), info=info)
-  _atomic_write(os.path.join(directory, "variables.msgpack"),
+  files.write_atomic(os.path.join(directory, "variables.msgpack"),
                 flax.serialization.msgpack_serialize(jax.device_get(backbone)))
-  _atomic_write(os.path.join(directory, "teacher.json"), json.dumps(meta, indent=1).encode())
+  files.write_atomic(os.path.join(directory, "teacher.json"), json.dumps(meta, indent=1).encode())
 
 
 def load_teacher(directory: str) -> Teacher:
@@ -152,13 +152,6 @@ def load_teacher(directory: str) -> Teacher:
   dim = int(model.apply(variables, jnp.zeros((1, *image_shape)))[0].shape[-1])
   return Teacher(model, variables, np.asarray(meta["mean"], np.float32),
                  np.asarray(meta["std"], np.float32), image_shape, dim, meta["info"])
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def build_barlow_twins(cfg: ml_collections.ConfigDict) -> BarlowTwins:
