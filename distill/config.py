@@ -92,12 +92,16 @@ def base_config() -> ml_collections.ConfigDict:
       num_experts=10,
       epochs=50,               # checkpoints saved after every epoch (and at init)
       objective="ce",          # "ce": source labels; "mse": regress the teacher's reps
+                               # (the table's iadd/mtt rows use "mse", iadd_ce/mtt_ce "ce")
       arch=_arch("convnet", width=128, depth=3, norm="instance"),
       batch_size=256,
-      lr=0.01,                 # plain SGD, as in MTT
+      lr_ce=0.01,              # plain SGD, as in MTT
+      lr_mse=1.0,              # MSE to unit-scale reps has small gradients: larger step
       momentum=0.0,
       augment=True,            # random crop + flip
       dtype="float32",         # buffer storage: "float32" or "float16"
+      # InfoBatch dynamic pruning of the expert epochs (distill/infobatch.py); 0 = off.
+      infobatch=ml_collections.ConfigDict(dict(prune_ratio=0.0, delta=0.875)),
       log_every=100,
   ))
 
@@ -114,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
       lr_targets=1e-2,
       lr_weights=1e-2,
       lr_alpha=1e-2,           # on log(alpha)
-      alpha_init=0.01,         # the student's initial SGD step size
+      alpha_init=0.0,          # the student's initial SGD step size (0: the experts' lr)
       granularity="parameter", # one weight per "parameter" or per "tensor"
       prune_fraction=0.0,      # leave this fraction of lowest-W parameters out of the loss
       remat=False,             # jax.checkpoint each student step (memory for compute)
@@ -164,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=5e-4,
       augment=True,            # random crop + flip
       num_train=0,             # fine-tune on this many target training images (0 = all)
+      # InfoBatch dynamic pruning of the fine-tuning epochs (distill/infobatch.py);
+      # prune_ratio 0 = off. The lr schedule then runs on epoch progress.
+      infobatch=ml_collections.ConfigDict(dict(prune_ratio=0.0, delta=0.875)),
   ))
 
   # KIP baseline (distill/kip.py): synthetic images + learned labels fitted

@@ -9,7 +9,8 @@ after every epoch. Two objectives (config `experts.objective`):
   * "mse": regression of the teacher's representations g(x) of the same
     augmented views, so the buffer needs no labels at all.
 
-Buffer on disk, one file per expert, `<workdir>/experts/expert_XX.npz`:
+Buffer on disk, one directory per objective and one file per expert,
+`<workdir>/experts_<objective>/expert_XX.npz`:
 
   params/<module>/<name>   (epochs + 1, *leaf shape), float32 or float16
   meta                     0-d JSON string: objective, epochs, arch,
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment
+from distill import augment, infobatch
 from distill.errors import DistillError
 from distill.loop import batch_indices, log, run_loop
 from distill.models import build_model
@@ -64,6 +65,13 @@ def supervised_loss(objective: str, outputs: jax.Array, targets: jax.Array) -> j
   return jnp.mean((outputs - targets) ** 2)
 
 
+def per_sample_loss(objective: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """(B,) losses whose mean is `supervised_loss` (InfoBatch's per-sample scores)."""
+  if objective == "ce":
+    return -jnp.sum(targets * jax.nn.log_softmax(outputs), axis=-1)
+  return jnp.mean((outputs - targets) ** 2, axis=-1)
+
+
 def expert_model(arch, num_outputs: int) -> nn.Module:
   """The expert / student network: a ConvNet whose variables are only `params`."""
   if arch["name"] != "convnet" or arch.get("norm", "default") not in ("default", "instance",
@@ -75,7 +83,8 @@ def expert_model(arch, num_outputs: int) -> nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: float,
-                     augment_images: bool, teacher_model: nn.Module | None = None):
+                     augment_images: bool, teacher_model: nn.Module | None = None,
+                     weighted: bool = False):
   """A jitted `(state, batch, rng, stats, teacher_vars) -> (state, metrics)` SGD step.
 
   Cached on its (hashable) settings, so every expert of a run, and a resumed
@@ -85,7 +94,10 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
   (epochs + 1, *leaf) snapshots. `batch` is (uint8 images (B,H,W,C), int
   labels (B,) or None, slot): a slot > 0 records the updated parameters as
   snapshot `slot` (the step ends epoch `slot`); slot 0 records nothing.
-  `stats` is (mean (C,), std (C,)) of the input normalisation.
+  `stats` is (mean (C,), std (C,)) of the input normalisation. With
+  `weighted` (InfoBatch) the batch also carries (indices (B,), weights (B,)),
+  the loss is mean_i(w_i * loss_i) and the state's "scores" (N,) receive
+  each sample's unweighted loss.
 
   Returns:
     (jitted step, the optax optimizer).
@@ -93,7 +105,7 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
   optimizer = optax.sgd(lr, momentum=momentum or None)
 
   def step(state, batch, rng, stats, teacher_vars):
-    images, labels, slot = batch
+    images, labels, slot = batch[:3]
     mean, std = stats
     x = (images.astype(jnp.float32) / 255.0 - mean) / std
     if augment_images:
@@ -104,16 +116,22 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
       targets = jax.lax.stop_gradient(teacher_model.apply(teacher_vars, x)[0])
 
     def loss_fn(params):
-      return supervised_loss(objective, model.apply({"params": params}, x)[1], targets)
+      outputs = model.apply({"params": params}, x)[1]
+      if not weighted:
+        return supervised_loss(objective, outputs, targets), None
+      losses = per_sample_loss(objective, outputs, targets)
+      return jnp.mean(batch[4] * losses), losses
 
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     record = lambda traj, p: jax.lax.dynamic_update_index_in_dim(
         traj, jnp.where(slot > 0, p, traj[slot]), slot, axis=0)
     trajectory = jax.tree.map(record, state["trajectory"], params)
-    return ({"params": params, "opt_state": opt_state, "trajectory": trajectory},
-            {"loss": loss, "grad_norm": optax.global_norm(grads)})
+    new_state = {"params": params, "opt_state": opt_state, "trajectory": trajectory}
+    if weighted:
+      new_state["scores"] = infobatch.update(state["scores"], batch[3], losses)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
   return jax.jit(step, donate_argnums=0), optimizer
 
@@ -155,13 +173,30 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
   steps_per_epoch = max(n // batch_size, 1)
   num_steps = cfg.epochs * steps_per_epoch
   model = expert_model(cfg.arch, num_outputs)
-  step, optimizer = make_expert_step(model, cfg.objective, cfg.lr, cfg.momentum, cfg.augment,
-                                     None if teacher is None else teacher.model)
+  lr = expert_lr(cfg)
+  ib = cfg.get("infobatch")
+  pruned = ib is not None and ib.prune_ratio > 0
+  step, optimizer = make_expert_step(model, cfg.objective, lr, cfg.momentum, cfg.augment,
+                                     None if teacher is None else teacher.model, pruned)
   stats = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
   teacher_vars = None if teacher is None else teacher.variables
   state = init_expert_state(model, optimizer, jax.random.fold_in(jax.random.key(seed), index),
                             tuple(images.shape[1:]), cfg.epochs)
   batch_seed = 1000 * seed + index
+  t0 = time.perf_counter()
+  extra = {}
+  if pruned:
+    # InfoBatch: the lr is constant (plain SGD), so only the epochs change length.
+    state["scores"] = infobatch.init_scores(n)
+    state, records, history = infobatch.run_epochs(
+        name=name, workdir=directory, state=state,
+        step_fn=lambda s, b, r: step(s, b, r, stats, teacher_vars),
+        make_batch=lambda idx, w, _, epoch_end: (
+            images[idx], None if labels is None else labels[idx], np.int32(epoch_end),
+            jnp.asarray(idx), jnp.asarray(w)),
+        num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
+        prune_ratio=ib.prune_ratio, delta=ib.delta, seed=batch_seed, quiet=quiet)
+    extra = dict(infobatch=infobatch.pruning_report(records, n, batch_size, cfg.epochs))
 
   def batch_fn(i):
     idx = batch_indices(batch_seed, i, n, batch_size)
@@ -169,17 +204,17 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
     slot = done // steps_per_epoch if done % steps_per_epoch == 0 else 0
     return images[idx], None if labels is None else labels[idx], np.int32(slot)
 
-  t0 = time.perf_counter()
-  state, history = run_loop(
-      name=name, workdir=directory, state=state,
-      step_fn=lambda s, b, r: step(s, b, r, stats, teacher_vars),
-      batch_fn=batch_fn, num_steps=num_steps,
-      rng=jax.random.fold_in(jax.random.key(seed + 1), index),
-      log_every=max(min(cfg.log_every, num_steps), 1), checkpoint_every=steps_per_epoch,
-      quiet=quiet)
-  info = dict(meta or {}, objective=cfg.objective, epochs=cfg.epochs, arch=cfg.arch.to_dict(),
+  if not pruned:
+    state, history = run_loop(
+        name=name, workdir=directory, state=state,
+        step_fn=lambda s, b, r: step(s, b, r, stats, teacher_vars),
+        batch_fn=batch_fn, num_steps=num_steps,
+        rng=jax.random.fold_in(jax.random.key(seed + 1), index),
+        log_every=max(min(cfg.log_every, num_steps), 1), checkpoint_every=steps_per_epoch,
+        quiet=quiet)
+  info = dict(meta or {}, **extra, objective=cfg.objective, epochs=cfg.epochs, arch=cfg.arch.to_dict(),
               num_outputs=num_outputs, image_shape=list(images.shape[1:]),
-              mean=[float(m) for m in mean], std=[float(s) for s in std], lr=cfg.lr,
+              mean=[float(m) for m in mean], std=[float(s) for s in std], lr=lr,
               dtype=cfg.dtype, seconds=time.perf_counter() - t0,
               final_loss=history[-1]["loss"] if history else None)
   save_trajectory(path, jax.device_get(state["trajectory"]), info, cfg.dtype)
@@ -244,7 +279,9 @@ def load_buffer(directory: str) -> ExpertBuffer:
       if meta.get(key) != metas[0].get(key):
         raise DistillError(f"expert files disagree on {key}: {paths[0]} has "
                            f"{metas[0].get(key)!r}, {path} has {meta.get(key)!r}")
-  return ExpertBuffer(list(trajectories), metas[0])
+  # Training time of the whole buffer: part of the cost of the sets matched to it.
+  total = sum(float(m.get("seconds") or 0.0) for m in metas)
+  return ExpertBuffer(list(trajectories), {**metas[0], "buffer_seconds": total})
 
 
 def sample_checkpoints(buffer: ExpertBuffer, seed: int, step: int, max_start: int,
@@ -263,18 +300,28 @@ def sample_checkpoints(buffer: ExpertBuffer, seed: int, step: int, max_start: in
   return e, t, buffer.checkpoint(e, t), buffer.checkpoint(e, t + expert_epochs)
 
 
+def expert_lr(cfg) -> float:
+  """The SGD step size of `cfg` (an `experts` section) for its objective."""
+  return float(cfg.lr_ce if cfg.objective == "ce" else cfg.lr_mse)
+
+
+def buffer_dir(workdir: str, objective: str) -> str:
+  """Where the experts of one objective live: `<workdir>/experts_<objective>`."""
+  if objective not in OBJECTIVES:
+    raise DistillError(f"unknown experts.objective {objective!r}; expected one of "
+                       f"{OBJECTIVES}")
+  return os.path.join(workdir, f"experts_{objective}")
+
+
 def run_experts(config, workdir: str) -> ExpertBuffer:
-  """Trains the experts of `config.experts` into `<workdir>/experts/`; resumable."""
+  """Trains the experts of `config.experts` into `buffer_dir(workdir, objective)`; resumable."""
   # Imported here: the pipeline module imports the stages.
   from distill import data, teacher as teacher_lib
   from distill.pipeline import load_source
   cfg = config.experts
-  if cfg.objective not in OBJECTIVES:
-    raise DistillError(f"unknown experts.objective {cfg.objective!r}; expected one of "
-                       f"{OBJECTIVES}")
+  directory = buffer_dir(workdir, cfg.objective)
   if cfg.dtype not in DTYPES:
     raise DistillError(f"unknown experts.dtype {cfg.dtype!r}; expected one of {DTYPES}")
-  directory = os.path.join(workdir, "experts")
   source = load_source(config)
   teacher = None
   if cfg.objective == "ce":

@@ -23,8 +23,13 @@ warm-up and decay end exactly where they would without pruning.
 `expected_steps` estimates a pruned run's length ahead of time (for ETAs and
 budgets) from an assumed share of below-mean samples.
 
-`train_teacher` wires this to Barlow Twins training (see
-`weighted_barlow_twins_loss` for the per-sample score it uses).
+`run_epochs` runs any jitted step that takes (indices, weights, progress)
+in its batch and scatters per-sample scores into `state["scores"]`.
+`train_teacher` wires it to Barlow Twins training (see
+`weighted_barlow_twins_loss` for the per-sample score it uses) and
+`transfer.finetune` to fine-tuning (`finetune.infobatch`; the score is the
+sample's cross-entropy) and `experts.train_expert` to expert training
+(`experts.infobatch`; the sample's CE or MSE).
 """
 
 from __future__ import annotations
@@ -237,8 +242,7 @@ def make_teacher_step(model, optimizer, mean, std, lambda_offdiag: float, lr_fn)
     params = state["variables"]["params"]
     (loss, (variables, scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     lr = lr_fn(progress)
-    opt_state = state["opt_state"]
-    opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+    opt_state = with_learning_rate(state["opt_state"], lr)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     variables = {**variables, "params": optax.apply_updates(params, updates)}
     new_state = {"variables": variables, "opt_state": opt_state,
@@ -248,14 +252,98 @@ def make_teacher_step(model, optimizer, mean, std, lambda_offdiag: float, lr_fn)
   return jax.jit(step, donate_argnums=0)
 
 
+def with_learning_rate(opt_state, lr):
+  """`opt_state` of an `optax.inject_hyperparams` optimizer with its lr set to `lr`."""
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+
+
+def run_epochs(*, name: str, workdir: str, state: dict, step_fn, make_batch,
+               num_samples: int, batch_size: int, num_epochs: int, prune_ratio: float,
+               delta: float, seed: int, quiet: bool = False):
+  """Runs `num_epochs` InfoBatch epochs of any training step; resumable.
+
+  Each epoch is planned from `state["scores"]` (`plan_epoch`), cut into full
+  batches (`epoch_batches`) and run by one `run_loop` call that checkpoints at
+  its end. The plans are logged to `workdir/name/plans.json` before an epoch
+  runs, so a killed run resumes after the last finished epoch and replays the
+  same plans.
+
+  Args:
+    name, workdir: job name and directory (as `loop.run_loop`).
+    state: pytree holding "scores" (N,) (`init_scores`); `step_fn` must
+      scatter each batch's per-sample scores into it (`update`).
+    step_fn: `(state, batch, rng) -> (state, metrics)`.
+    make_batch: `(indices (B,) int, weights (B,) float32, progress float,
+      epoch_end int) -> batch`; progress (`epoch_progress`) drives the
+      learning rate, epoch_end is the 1-based number of the epoch the step
+      finishes and 0 on every other step (for per-epoch snapshots).
+    num_samples, batch_size, num_epochs: the full-data run.
+    prune_ratio, delta: InfoBatch's r and annealing share.
+    seed: plans and step keys derive from it.
+    quiet: no per-epoch lines.
+
+  Returns:
+    (state, per-epoch records {epoch, start, steps, kept, pruned}, history of
+    the last epoch's metrics).
+  """
+  job_dir = os.path.join(workdir, name)
+  os.makedirs(job_dir, exist_ok=True)
+  plans_path = os.path.join(job_dir, "plans.json")
+  done = Checkpointer(os.path.join(job_dir, "ckpt")).latest_step() or 0
+  records = files.read_json(plans_path, [])
+  finished = [r for r in records if r["start"] + r["steps"] <= done]
+  if sum(r["steps"] for r in finished) != done:
+    raise DistillError(f"{plans_path} does not match the checkpoint at step {done}; "
+                       f"remove {job_dir} to start over")
+  if done:
+    state = Checkpointer(os.path.join(job_dir, "ckpt")).restore(done, state)
+    if not quiet:
+      log(f"[{name}] resumed after epoch {len(finished)} (step {done})")
+  plan_key, step_key = jax.random.key(seed + 3), jax.random.key(seed + 1)
+  history, t0 = [], time.perf_counter()
+  for epoch in range(len(finished), num_epochs):
+    plan = plan_epoch(state["scores"], epoch, plan_key, num_epochs=num_epochs,
+                      prune_ratio=prune_ratio, delta=delta)
+    batches = epoch_batches(plan, batch_size)
+    finished.append(dict(epoch=epoch, start=done, steps=len(batches),
+                         kept=len(plan.indices), pruned=plan.num_pruned))
+    files.write_json(plans_path, finished)
+
+    def batch_fn(i, start=done, batches=batches, epoch=epoch):
+      idx, w = batches[i - start]
+      last = i - start == len(batches) - 1
+      return make_batch(idx, w, epoch_progress(epoch, i - start, len(batches), num_epochs),
+                        epoch + 1 if last else 0)
+
+    # log_every past the end: one metrics record per epoch, the epoch's mean.
+    end = done + len(batches)
+    state, history = run_loop(name=name, workdir=workdir, state=state, step_fn=step_fn,
+                              batch_fn=batch_fn, num_steps=end, rng=step_key,
+                              log_every=end + 1, checkpoint_every=0, quiet=True)
+    done = end
+    if not quiet:
+      log(f"[{name}] epoch {epoch + 1}/{num_epochs}  loss {history[-1]['loss']:.4g}  "
+          f"kept {len(plan.indices)}/{num_samples}  steps {len(batches)}  "
+          f"{time.perf_counter() - t0:.0f}s")
+  return state, finished, history
+
+
+def pruning_report(records: list[dict], num_samples: int, batch_size: int,
+                   num_epochs: int) -> dict:
+  """Steps taken vs the full-data run and the realised skipped share."""
+  steps, full = sum(r["steps"] for r in records), full_data_steps(num_samples, batch_size,
+                                                                   num_epochs)
+  return dict(steps=steps, full_data_steps=full, step_fraction=steps / full,
+              skipped_fraction=sum(r["pruned"] for r in records) / (num_epochs * num_samples),
+              pruned_per_epoch=[r["pruned"] for r in records])
+
+
 def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher_infobatch"):
   """Trains the Barlow Twins teacher with InfoBatch pruning; saves `workdir/teacher`.
 
   Uses `config.teacher` (its `infobatch` section: prune_ratio, delta;
-  prune_ratio 0 is plain training through the same code). Each epoch is one
-  `run_loop` call that checkpoints at its end; the epoch plans are logged to
-  `workdir/name/plans.json` before each epoch runs, so a killed run resumes
-  from the last finished epoch and replays the same plans.
+  prune_ratio 0 is plain training through the same code), through
+  `run_epochs` (killed runs resume from the last finished epoch).
 
   Args:
     config: full config. workdir: job directory.
@@ -284,50 +372,16 @@ def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher
   model = teacher_lib.build_barlow_twins(cfg)
   state = teacher_lib.init_state(model, optimizer, jax.random.key(config.seed), image_shape)
   state["scores"] = init_scores(n)
-  step_fn = make_teacher_step(model, optimizer, mean, std, cfg.lambda_offdiag, lr_fn)
-
-  job_dir = os.path.join(workdir, name)
-  os.makedirs(job_dir, exist_ok=True)
-  plans_path = os.path.join(job_dir, "plans.json")
-  done = Checkpointer(os.path.join(job_dir, "ckpt")).latest_step() or 0
-  records = files.read_json(plans_path, [])
-  finished = [r for r in records if r["start"] + r["steps"] <= done]
-  if sum(r["steps"] for r in finished) != done:
-    raise DistillError(f"{plans_path} does not match the checkpoint at step {done}; "
-                       f"remove {job_dir} to start over")
-  if done:
-    state = Checkpointer(os.path.join(job_dir, "ckpt")).restore(done, state)
-    log(f"[{name}] resumed after epoch {len(finished)} (step {done})")
-  plan_key, step_key = jax.random.key(config.seed + 3), jax.random.key(config.seed + 1)
-  history = []
-  for epoch in range(len(finished), cfg.epochs):
-    plan = plan_epoch(state["scores"], epoch, plan_key, num_epochs=cfg.epochs,
-                      prune_ratio=ib.prune_ratio, delta=ib.delta)
-    batches = epoch_batches(plan, batch_size)
-    record = dict(epoch=epoch, start=done, steps=len(batches), kept=len(plan.indices),
-                  pruned=plan.num_pruned)
-    finished.append(record)
-    files.write_json(plans_path, finished)
-
-    def batch_fn(i, start=done, batches=batches, epoch=epoch):
-      idx, w = batches[i - start]
-      progress = epoch_progress(epoch, i - start, len(batches), cfg.epochs)
-      return (images[idx], jnp.asarray(idx), jnp.asarray(w), jnp.float32(progress))
-
-    # log_every past the end: one metrics record per epoch, the epoch's mean.
-    end = done + len(batches)
-    state, history = run_loop(name=name, workdir=workdir, state=state, step_fn=step_fn,
-                              batch_fn=batch_fn, num_steps=end, rng=step_key,
-                              log_every=end + 1, checkpoint_every=0, quiet=True)
-    done += len(batches)
-    elapsed = time.perf_counter() - t0
-    log(f"[{name}] epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4g}  "
-        f"kept {len(plan.indices)}/{n}  steps {len(batches)}  {elapsed:.0f}s")
+  state, records, history = run_epochs(
+      name=name, workdir=workdir, state=state,
+      step_fn=make_teacher_step(model, optimizer, mean, std, cfg.lambda_offdiag, lr_fn),
+      make_batch=lambda idx, w, progress, _: (images[idx], jnp.asarray(idx), jnp.asarray(w),
+                                              jnp.float32(progress)),
+      num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
+      prune_ratio=ib.prune_ratio, delta=ib.delta, seed=config.seed)
   report = dict(num_images=n, epochs=cfg.epochs, batch_size=batch_size,
-                prune_ratio=ib.prune_ratio, delta=ib.delta, steps=done,
-                full_data_steps=full_steps, step_fraction=done / full_steps,
-                skipped_fraction=sum(r["pruned"] for r in finished) / (cfg.epochs * n),
-                pruned_per_epoch=[r["pruned"] for r in finished],
+                prune_ratio=ib.prune_ratio, delta=ib.delta,
+                **pruning_report(records, n, batch_size, cfg.epochs),
                 final_loss=history[-1]["loss"] if history else None,
                 train_seconds=time.perf_counter() - t0)
   teacher_lib.save_teacher(directory, cfg.arch.to_dict(), state["variables"], mean, std,

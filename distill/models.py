@@ -158,32 +158,37 @@ def apply_model(model: nn.Module, variables: dict, x: jax.Array, train: bool):
 
 
 def gradient_step(model: nn.Module, optimizer, state: dict, x: jax.Array,
-                  objective: Callable[[jax.Array, jax.Array], jax.Array]):
+                  objective: Callable[[jax.Array, jax.Array], jax.Array],
+                  has_aux: bool = False):
   """One optimiser step on `objective(features, outputs)` of a batch.
 
   The shared skeleton of every supervised-style train step (teacher,
-  pretraining): BatchNorm statistics are threaded, gradients are taken with
-  respect to `params` only.
+  pretraining, fine-tuning): BatchNorm statistics are threaded, gradients are
+  taken with respect to `params` only.
 
   Args:
     model: the network. optimizer: an optax transformation.
     state: {"variables": {...}, "opt_state": ...}.
-    x: (B, H, W, C) inputs. objective: (features, outputs) -> scalar loss.
+    x: (B, H, W, C) inputs. objective: (features, outputs) -> scalar loss,
+      or (loss, aux) with `has_aux`.
 
   Returns:
-    (new state, {"loss", "grad_norm"}).
+    (new state, {"loss", "grad_norm"}), plus `aux` as a third item with `has_aux`.
   """
   def loss_fn(params):
     variables = {**state["variables"], "params": params}
     (features, outputs), variables = apply_model(model, variables, x, train=True)
-    return objective(features, outputs), variables
+    value = objective(features, outputs)
+    loss, aux = value if has_aux else (value, None)
+    return loss, (variables, aux)
 
   params = state["variables"]["params"]
-  (loss, variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, (variables, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = optimizer.update(grads, state["opt_state"], params)
   variables = {**variables, "params": optax.apply_updates(params, updates)}
-  return ({"variables": variables, "opt_state": opt_state},
-          {"loss": loss, "grad_norm": optax.global_norm(grads)})
+  out = ({"variables": variables, "opt_state": opt_state},
+         {"loss": loss, "grad_norm": optax.global_norm(grads)})
+  return (*out, aux) if has_aux else out
 
 
 @functools.lru_cache(maxsize=None)

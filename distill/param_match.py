@@ -69,8 +69,9 @@ def check_config(cfg, buffer_epochs: int | None = None) -> None:
   for key in ("num_synthetic", "syn_steps", "expert_epochs", "max_start", "steps"):
     if cfg[key] < 1:
       raise DistillError(f"param_match.{key}={cfg[key]} must be at least 1")
-  if cfg.alpha_init <= 0:
-    raise DistillError(f"param_match.alpha_init={cfg.alpha_init} must be positive")
+  if cfg.alpha_init < 0:
+    raise DistillError(f"param_match.alpha_init={cfg.alpha_init} must be positive (or 0: "
+                       f"the experts' learning rate)")
   if buffer_epochs is not None and cfg.max_start + cfg.expert_epochs > buffer_epochs + 1:
     raise DistillError(
         f"param_match.max_start={cfg.max_start} with expert_epochs={cfg.expert_epochs} reaches "
@@ -211,6 +212,9 @@ class ParamMatch:
       objective: the experts' objective, "ce" or "mse".
     """
     check_config(cfg)
+    if cfg.alpha_init <= 0:
+      raise DistillError("ParamMatch needs a positive param_match.alpha_init (run_param_match "
+                         "replaces 0 by the experts' learning rate)")
     self.cfg, self.model, self.objective = cfg, model, objective
     self.learn_weights = cfg.method == "iadd"
     self.optimizer = make_optimizer(cfg, self.learn_weights)
@@ -341,21 +345,38 @@ def class_balanced_indices(labels: np.ndarray, n: int, num_classes: int,
   return np.concatenate(chosen)
 
 
+def set_name(method: str, objective: str) -> str:
+  """Name of a parameter-matching set (and its table row): "iadd" / "mtt" for
+  label-free ("mse") experts, "iadd_ce" / "mtt_ce" for supervised ones."""
+  return method if objective == "mse" else f"{method}_{objective}"
+
+
 def run_param_match(config, workdir: str) -> export.SyntheticSet:
-  """Distils the source by parameter matching into `<workdir>/synthetic_<method>.npz`."""
+  """Distils the source by parameter matching into `<workdir>/synthetic_<name>.npz`.
+
+  Matches the buffer of `config.experts.objective`; `name` is `set_name(method,
+  objective)`.
+  """
   # Imported here: the pipeline module imports the stages.
   from distill import data, teacher as teacher_lib
   from distill.pipeline import load_source
   cfg = config.param_match
   check_config(cfg)
-  name = cfg.method
+  name = set_name(cfg.method, config.experts.objective)
   out_path = os.path.join(workdir, f"synthetic_{name}.npz")
   if os.path.exists(out_path):
     return export.load_synthetic(out_path)
-  buffer = experts_lib.load_buffer(os.path.join(workdir, "experts"))
+  buffer = experts_lib.load_buffer(experts_lib.buffer_dir(workdir, config.experts.objective))
   check_config(cfg, buffer.epochs)
   meta = buffer.meta
   objective, num_outputs = meta["objective"], int(meta["num_outputs"])
+  if objective != config.experts.objective:
+    raise DistillError(f"the buffer in {experts_lib.buffer_dir(workdir, objective)} holds "
+                       f"{objective!r} experts, the config asks for {config.experts.objective!r}")
+  if not cfg.alpha_init:
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.alpha_init = float(meta["lr"])
   source = load_source(config)
   n, num_source = cfg.num_synthetic, len(source.images)
   if tuple(source.images.shape[1:]) != tuple(meta["image_shape"]):
@@ -410,6 +431,7 @@ def run_param_match(config, workdir: str) -> export.SyntheticSet:
                      weight_stats(weights, template, mask)["kept_fraction"]),
                  num_experts=len(buffer.trajectories), buffer_epochs=buffer.epochs,
                  seconds=time.perf_counter() - t0,
+                 expert_seconds=float(meta.get("buffer_seconds") or 0.0),
                  final_loss=history[-1]["loss"] if history else None,
                  init_indices=init_idx.tolist()))
   export.save_synthetic(out_path, synthetic)

@@ -14,6 +14,7 @@ artefacts of two settings.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -40,24 +41,39 @@ SELECTION_KEYS = frozenset(f"eval.{k}" for k in (
     "results_path"))
 
 
+# Sections that only shape artefacts built on demand (the table's parameter-
+# matching rows). Their settings may change while none of the artefacts they
+# shape exists in the workdir; config.json then takes the new values, so
+# later runs are checked against what was actually used.
+ON_DEMAND_SECTIONS = {"experts": ("experts_*",),
+                      "param_match": ("param_match_*", "synthetic_iadd*", "synthetic_mtt*")}
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates the workdir and checks it was not made with another config.
 
-  Keys in SELECTION_KEYS may differ, and settings newer than the stored
-  config.json are accepted; the stored file keeps the first config.
+  Keys in SELECTION_KEYS may differ, settings newer than the stored
+  config.json are accepted, and so are changes to an ON_DEMAND_SECTIONS
+  section none of whose artefacts exists yet; otherwise the stored file
+  keeps the first config.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   current = json.loads(json.dumps(to_dict(config)))
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    diff = sorted(k for k in _diff_keys(previous, current) if k not in SELECTION_KEYS)
-    if diff:
-      raise DistillError(f"workdir {workdir} was made with a different config (differs at: "
-                         f"{', '.join(diff[:8])}); use a new --workdir")
+  if not os.path.exists(path):
+    files.write_json(path, current)
     return
-  files.write_json(path, current)
+  previous = files.read_json(path, None)
+  diff = sorted(k for k in _diff_keys(previous, current) if k not in SELECTION_KEYS)
+  unbuilt = {section for section, patterns in ON_DEMAND_SECTIONS.items()
+             if not any(glob.glob(os.path.join(workdir, p)) for p in patterns)}
+  fixed = [k for k in diff if k.split(".")[0] not in unbuilt]
+  if fixed:
+    raise DistillError(f"workdir {workdir} was made with a different config (differs at: "
+                       f"{', '.join(fixed[:8])}); use a new --workdir")
+  changed = {k.split(".")[0] for k in diff}
+  if changed:
+    files.write_json(path, {**previous, **{section: current[section] for section in changed}})
 
 
 def _diff_keys(a, b, prefix=""):

@@ -8,7 +8,12 @@
     frepo    FRePo-style KRR with the KRR-ST pool: images + learned labels
     krr_st   KRR-ST: images + learned teacher-space targets
     iadd     importance-weighted parameter matching (distill/param_match.py)
+             against label-free experts that regress the teacher's
+             representations: images + learned teacher-space targets
     mtt      the same with W = 1 (plain trajectory matching)
+    iadd_ce  importance-weighted parameter matching against cross-entropy
+             experts (supervised): images + learned soft labels
+    mtt_ce   the same with W = 1
     full     every source image, teacher targets (the upper reference)
     teacher  the teacher's own backbone (a second reference)
 
@@ -30,9 +35,9 @@ from distill.errors import DistillError
 from distill.loop import batch_indices, log, run_loop
 from distill import pipeline
 
-ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "iadd", "mtt", "full",
-        "teacher")
-LEARNED = ("kip", "frepo", "krr_st", "iadd", "mtt")   # rows whose set is distilled
+PARAM_MATCH = ("iadd", "mtt", "iadd_ce", "mtt_ce")
+ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", *PARAM_MATCH, "full", "teacher")
+LEARNED = ("kip", "frepo", "krr_st", *PARAM_MATCH)   # rows whose set is distilled
 
 
 def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
@@ -138,19 +143,25 @@ def learned_set(row: str, config, workdir: str, n: int, source, teacher
     return pipeline.run_krr_st(config, workdir, n, supervised=True)
   if row == "kip":
     return kip_set(config, workdir, n, source, teacher)
-  if row in ("iadd", "mtt"):
+  if row in PARAM_MATCH:
     return param_match_set(row, config, workdir, n)
   raise DistillError(f"row {row!r} has no learned set")
 
 
 def param_match_set(row: str, config, workdir: str, n: int) -> export.SyntheticSet:
-  """The parameter-matching set; trains the experts and distils if missing."""
+  """The parameter-matching set; trains the experts and distils if missing.
+
+  The row names the method and the experts' objective ("_ce": supervised,
+  otherwise label-free "mse"); `config.experts.objective` is not used here.
+  """
   from distill import experts, param_match  # loaded only when a table uses these rows
   if n != config.param_match.num_synthetic:
     raise DistillError(f"row {row!r}: param_match.num_synthetic is "
                        f"{config.param_match.num_synthetic}, the table needs n={n}")
+  method, _, objective = row.partition("_")
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
-    cfg.param_match.method = row
+    cfg.param_match.method = method
+    cfg.experts.objective = objective or "mse"
   experts.run_experts(cfg, workdir)
   return param_match.run_param_match(cfg, workdir)

@@ -16,6 +16,7 @@ checkpoint). Outputs: `table.json`, `table.csv`, `table.md`, and
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
 import shutil
@@ -128,7 +129,9 @@ def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict)
       s = sets.kmeans_set(config, workdir, n, source, teacher)
     else:
       s = sets.learned_set(row, config, workdir, n, source, teacher)
-    images, targets, set_seconds = s.images, s.targets, float(s.extra.get("seconds", 0.0))
+    # A parameter-matching set also pays for training its expert buffer.
+    set_seconds = float(s.extra.get("seconds", 0.0)) + float(s.extra.get("expert_seconds", 0.0))
+    images, targets = s.images, s.targets
   name = f"pretrain_{row}_n{n}_{arch_label(arch)}_seed{seed}"
   t0 = time.perf_counter()
   model, variables = transfer.pretrain(pre, images, targets, seed,
@@ -170,12 +173,37 @@ def run_table(config, workdir: str) -> dict:
                        readout_seconds=time.perf_counter() - t1)
             log(f"[table] n={job.n} {row:8s} {arch_lbl:12s} {t_lbl:18s} {readout:12s} "
                 f"seed {seed}: {100 * acc:.2f}%")
-            results["runs"].append(run)
-            done.add(_key(run))
-            files.write_json(path, results)
+            results = add_runs(path, [run])
+            done |= {_key(r) for r in results["runs"]}
   results["teacher"] = {"probe": teacher.info.get("probe", {}).get("accuracy"),
                         "train_seconds": teacher.info.get("train_seconds")}
-  write_outputs(results, config, workdir)
+  return write_outputs(results, config, workdir)
+
+
+def add_runs(path: str, runs: list[dict], info: dict | None = None) -> dict:
+  """Adds measured entries (and `info` keys) to the table file at `path`.
+
+  The file is re-read under an exclusive lock and rewritten atomically, so
+  several `distill table` processes may fill one workdir at once (e.g. one per
+  architecture) without losing entries; an entry whose key is already there
+  is not added twice, which also makes this the way to merge tables measured
+  in other workdirs. The file's `summary` is recomputed on every write.
+
+  Returns:
+    The file's new content.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    results = files.read_json(path, {"runs": []})
+    have = {_key(r) for r in results["runs"]}
+    for run in runs:
+      if _key(run) not in have:
+        results["runs"].append(run)
+        have.add(_key(run))
+    results.update(info or {})
+    results["summary"] = summarize(results["runs"])
+    files.write_json(path, results)
   return results
 
 
@@ -222,6 +250,12 @@ def summarize(runs: list[dict]) -> list[dict]:
                     pretrain_seconds=float(np.mean([r["pretrain_seconds"] for r in rs])),
                     readout_seconds=float(np.mean([r["readout_seconds"] for r in rs]))))
   return out
+
+
+def mean_std_text(values) -> str:
+  """"mean ± std" of `values` (sample std, ddof=1; 0 for a single value), 2 decimals."""
+  values = np.asarray(values, np.float64)
+  return f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
 def format_markdown(results: dict, config) -> str:
@@ -292,9 +326,14 @@ def read_csv(text: str) -> list[dict]:
   return out
 
 
-def write_outputs(results: dict, config, workdir: str) -> None:
-  results["summary"] = summarize(results["runs"])
-  files.write_json(os.path.join(workdir, "table.json"), results)
+def write_outputs(results: dict, config, workdir: str) -> dict:
+  """Merges `results` into `<workdir>/table.json` and writes every output of it.
+
+  Returns:
+    The merged results (entries other processes added are kept).
+  """
+  results = add_runs(os.path.join(workdir, "table.json"), results["runs"],
+                     {k: v for k, v in results.items() if k not in ("runs", "summary")})
   files.write_atomic(os.path.join(workdir, "table.csv"), format_csv(results))
   markdown = format_markdown(results, config)
   files.write_atomic(os.path.join(workdir, "table.md"), markdown)
@@ -316,3 +355,4 @@ def write_outputs(results: dict, config, workdir: str) -> None:
     files.write_atomic(prefix + ".md", markdown)
     if png:
       shutil.copyfile(png, prefix + "_size_sweep.png")
+  return results

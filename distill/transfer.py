@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from distill import augment
+from distill import augment, infobatch
 from distill.errors import DistillError
 from distill.loop import batch_indices, run_loop
 from distill.models import apply_model, build_model, gradient_step, init_model
@@ -167,6 +167,51 @@ def make_finetune_step(model, optimizer, augment_images: bool):
   return jax.jit(step, donate_argnums=0)
 
 
+def make_infobatch_finetune_step(model, optimizer, augment_images: bool, lr_fn):
+  """Jitted InfoBatch fine-tuning step: weighted cross-entropy, per-sample scores.
+
+  state: {"variables", "opt_state" (optax.inject_hyperparams), "scores" (N,)}.
+  batch: (images (B,H,W,C), labels (B,), indices (B,), weights (B,), progress ()).
+  Loss mean_i(w_i * CE_i); each sample's unweighted CE_i becomes its score;
+  the learning rate is `lr_fn(progress)`.
+  """
+  def step(state, batch, rng):
+    images, labels, indices, weights, progress = batch
+    if augment_images:
+      images = augment.random_crop_flip(rng, images)
+
+    def objective(features, logits):
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return jnp.mean(weights * losses), losses
+
+    lr = lr_fn(progress)
+    inner = {"variables": state["variables"],
+             "opt_state": infobatch.with_learning_rate(state["opt_state"], lr)}
+    new_state, metrics, losses = gradient_step(model, optimizer, inner, images, objective,
+                                               has_aux=True)
+    new_state["scores"] = infobatch.update(state["scores"], indices, losses)
+    return new_state, {**metrics, "lr": lr}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def _sgd(learning_rate, momentum, weight_decay):
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum or None))
+
+
+@functools.lru_cache(maxsize=64)
+def _infobatch_fns(model, lr: float, momentum: float, weight_decay: float, full_steps: int,
+                   augment_images: bool):
+  """(optimizer, jitted step) of InfoBatch fine-tuning; the cosine schedule of
+  `_train_fns`, evaluated on epoch progress so it ends on time whatever is pruned."""
+  optimizer = optax.inject_hyperparams(_sgd, static_args=("momentum", "weight_decay"))(
+      learning_rate=0.0, momentum=momentum, weight_decay=weight_decay)
+  lr_fn = infobatch.progress_schedule(optax.cosine_decay_schedule(lr, max(full_steps, 1)),
+                                      full_steps)
+  return optimizer, make_infobatch_finetune_step(model, optimizer, augment_images, lr_fn)
+
+
 def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.ndarray,
              y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int,
              workdir: str, name: str, quiet: bool = True) -> dict:
@@ -181,7 +226,9 @@ def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.n
     workdir, name: checkpoints go to `workdir/name` (resumable).
 
   Returns:
-    {"accuracy": top-1 on the test split, "steps": optimiser steps}.
+    {"accuracy": top-1 on the test split, "steps": optimiser steps}, plus
+    "skipped_fraction" (realised share of sample-visits skipped) when
+    `cfg.infobatch.prune_ratio` > 0.
   """
   num_classes = int(max(y_train.max(), y_test.max())) + 1
   n = len(x_train)
@@ -191,10 +238,25 @@ def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.n
   variables = with_new_head(backbone, init_model(model, jax.random.key(seed), x_train.shape[1:]))
   # A copy: the train step donates its state, and the caller keeps the backbone.
   variables = jax.tree.map(jnp.array, variables)
+  x_j, y_j = jnp.asarray(x_train), jnp.asarray(y_train, jnp.int32)
+  ib = cfg.get("infobatch")
+  if ib is not None and ib.prune_ratio > 0:
+    optimizer, step = _infobatch_fns(model, cfg.lr, cfg.momentum, cfg.weight_decay, num_steps,
+                                     cfg.augment)
+    state = {"variables": variables, "opt_state": optimizer.init(variables["params"]),
+             "scores": infobatch.init_scores(n)}
+    state, records, _ = infobatch.run_epochs(
+        name=name, workdir=workdir, state=state, step_fn=step,
+        make_batch=lambda idx, w, progress, _: (x_j[idx], y_j[idx], jnp.asarray(idx),
+                                                jnp.asarray(w), jnp.float32(progress)),
+        num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
+        prune_ratio=ib.prune_ratio, delta=ib.delta, seed=seed + 7, quiet=quiet)
+    report = infobatch.pruning_report(records, n, batch_size, cfg.epochs)
+    return {"accuracy": accuracy(model, state["variables"], x_test, y_test),
+            "steps": report["steps"], "skipped_fraction": report["skipped_fraction"]}
   optimizer, step = _train_fns(make_finetune_step, model, cfg.lr, cfg.momentum,
                                cfg.weight_decay, num_steps, cfg.augment)
   state = {"variables": variables, "opt_state": optimizer.init(variables["params"])}
-  x_j, y_j = jnp.asarray(x_train), jnp.asarray(y_train, jnp.int32)
 
   def batch_fn(i):
     idx = jnp.asarray(batch_indices(seed + 7, i, n, batch_size))
@@ -217,9 +279,7 @@ def _train_fns(make_step, model, lr: float, momentum: float, weight_decay: float
   architecture and schedule many times, and each new jitted function would
   compile again.
   """
-  schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1))
-  optimizer = optax.chain(optax.add_decayed_weights(weight_decay),
-                          optax.sgd(schedule, momentum=momentum or None))
+  optimizer = _sgd(optax.cosine_decay_schedule(lr, max(num_steps, 1)), momentum, weight_decay)
   return optimizer, make_step(model, optimizer, augment_images)
 
 

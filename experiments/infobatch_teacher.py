@@ -2,12 +2,12 @@ r"""InfoBatch on Barlow Twins teacher training: sample-steps saved vs probe accu
 
 Command (from the repository root):
   nice -n 10 .venv/bin/python experiments/infobatch_teacher.py \
-      --workdir runs/selection_cifar10/infobatch
+      --workdir runs/selection_cifar10/infobatch --seeds 0 1 2
 
 Trains the cifar10_selection.py teacher (width-32 ConvNet, 5k CIFAR-10
 images, 10 epochs, batch 256) twice through `distill.infobatch.train_teacher`:
 with prune_ratio 0 (full data, same code path and schedule) and with the
-config's InfoBatch setting (r = 0.5, delta = 0.8). Each teacher is
+config's InfoBatch setting (r = 0.5, delta = 0.8), once per seed. Each teacher is
 linear-probed on CIFAR-10 (5k train / 10k test) and on Imagenette-32
 (3k train / 3,925 val). Writes experiments/results/selection_infobatch.md.
 """
@@ -19,11 +19,14 @@ import os
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from distill import data, infobatch, transfer  # noqa: E402
 from distill.config import load_config  # noqa: E402
+from distill.table import mean_std_text  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "cifar10_selection.py")
 RESULTS = os.path.join(ROOT, "experiments", "results", "selection_infobatch.md")
@@ -45,47 +48,77 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "selection_cifar10",
                                                         "infobatch"))
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                      help="training seeds (teacher init, augmentations, pruning draws)")
   args = parser.parse_args()
   config = load_config(CONFIG)
+  # One fixed source subset and probe split; the seed varies training only.
   source = data.subsample(data.load_dataset(config.data.source, "train"),
                           config.data.num_source, config.seed)
-  rows = []
-  for label, ratio in (("full data", 0.0), ("InfoBatch", config.teacher.infobatch.prune_ratio)):
-    with config.unlocked():
-      config.teacher.infobatch.prune_ratio = ratio
-    t0 = time.perf_counter()
-    workdir = os.path.join(args.workdir, f"r{ratio:g}")
-    teacher, report = infobatch.train_teacher(config, workdir, source.images)
-    cifar = probe(teacher, config.data.source, "train", "test", 5000, config)
-    nette = probe(teacher, config.data.target, "train", "val", 3000, config)
-    rows.append((label, ratio, report, cifar, nette, time.perf_counter() - t0))
-    print(f"{label}: {report['steps']}/{report['full_data_steps']} steps, skipped "
-          f"{report['skipped_fraction']:.3f}, CIFAR-10 probe {cifar:.4f}, Imagenette {nette:.4f}",
-          flush=True)
-  ib = config.teacher.infobatch
-  lines = [
-      "# InfoBatch on Barlow Twins teacher training (CIFAR-10, reduced scale)", "",
-      "Command: `nice -n 10 .venv/bin/python experiments/infobatch_teacher.py`",
-      "Machine: 2-core CPU, shared (timings are noisy).", "",
-      f"Teacher: width-32 ConvNet, projector (512, 512), {config.data.num_source} CIFAR-10 "
-      f"training images, {config.teacher.epochs} epochs, batch {config.teacher.batch_size}, "
-      f"AdamW lr {config.teacher.lr} with warm-up + cosine on epoch progress. InfoBatch: "
-      f"r = {ib.prune_ratio}, delta = {ib.delta} (full data from epoch "
-      f"{infobatch.anneal_start(config.teacher.epochs, ib.delta)}), per-sample score "
-      "||z1_i - z2_i||^2 of the standardised projections. One seed.", "",
-      "| run | optimiser steps | steps vs full | sample-visits skipped | train s (incl. probe) "
-      "| probe CIFAR-10 (5k/10k) | probe Imagenette-32 (3k/3,925) |",
-      "|---|---|---|---|---|---|---|"]
-  for label, ratio, report, cifar, nette, seconds in rows:
-    lines.append(f"| {label} (r={ratio:g}) | {report['steps']} | {report['step_fraction']:.3f} "
-                 f"| {100 * report['skipped_fraction']:.1f}% | {report['train_seconds']:.0f} "
-                 f"({seconds:.0f}) | {100 * cifar:.2f} | {100 * nette:.2f} |")
-  lines += ["", "Pruned per epoch (InfoBatch run): "
-            + ", ".join(str(p) for p in rows[-1][2]["pruned_per_epoch"]), ""]
-  text = "\n".join(lines)
+  runs = []
+  for seed in args.seeds:
+    for label, ratio in (("full data", 0.0), ("InfoBatch", config.teacher.infobatch.prune_ratio)):
+      cfg = config.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.teacher.infobatch.prune_ratio = ratio
+        cfg.seed = seed
+      workdir = os.path.join(args.workdir, f"seed{seed}", f"r{ratio:g}")
+      # A finished teacher is loaded, not retrained; its report keeps the training time.
+      teacher, report = infobatch.train_teacher(cfg, workdir, source.images)
+      t0 = time.perf_counter()
+      cifar = probe(teacher, config.data.source, "train", "test", 5000, config)
+      nette = probe(teacher, config.data.target, "train", "val", 3000, config)
+      runs.append(dict(label=label, ratio=ratio, seed=seed, report=report, cifar=cifar,
+                       nette=nette, probe_seconds=time.perf_counter() - t0))
+      print(f"seed {seed} {label}: {report['steps']}/{report['full_data_steps']} steps, skipped "
+            f"{report['skipped_fraction']:.3f}, CIFAR-10 probe {cifar:.4f}, Imagenette "
+            f"{nette:.4f}", flush=True)
+  text = report_markdown(config, runs, args.seeds)
   print(text)
   with open(RESULTS, "w") as f:
     f.write(text)
+
+
+
+def report_markdown(config, runs: list[dict], seeds: list[int]) -> str:
+  """The results file: per-seed rows, then mean ± std (sample std) per setting."""
+  ib = config.teacher.infobatch
+  lines = [
+      "# InfoBatch on Barlow Twins teacher training (CIFAR-10, reduced scale)", "",
+      "Command: `nice -n 10 .venv/bin/python experiments/infobatch_teacher.py "
+      f"--seeds {' '.join(map(str, seeds))}`",
+      "Machine: 2-core CPU, shared with other jobs (timings are noisy).", "",
+      f"Teacher: width-32 ConvNet, projector (512, 512), {config.data.num_source} CIFAR-10 "
+      f"training images (one fixed subset), {config.teacher.epochs} epochs, batch "
+      f"{config.teacher.batch_size}, AdamW lr {config.teacher.lr} with warm-up + cosine on "
+      f"epoch progress. InfoBatch: r = {ib.prune_ratio}, delta = {ib.delta} (full data from "
+      f"epoch {infobatch.anneal_start(config.teacher.epochs, ib.delta)}), per-sample score "
+      "||z1_i - z2_i||^2 of the standardised projections. The seed sets the teacher's "
+      "initialisation, augmentations and pruning draws; the probe splits are fixed.", "",
+      "| run | seed | optimiser steps | steps vs full | sample-visits skipped | train s "
+      "| probes s | probe CIFAR-10 (5k/10k) | probe Imagenette-32 (3k/3,925) |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  for r in runs:
+    rep = r["report"]
+    lines.append(f"| {r['label']} (r={r['ratio']:g}) | {r['seed']} | {rep['steps']} "
+                 f"| {rep['step_fraction']:.3f} | {100 * rep['skipped_fraction']:.1f}% "
+                 f"| {rep['train_seconds']:.0f} | {r['probe_seconds']:.0f} | {100 * r['cifar']:.2f} "
+                 f"| {100 * r['nette']:.2f} |")
+  lines += ["", f"Mean ± std over seeds {', '.join(map(str, seeds))}:", "",
+            "| run | sample-visits skipped | optimiser steps vs full | train s "
+            "| probe CIFAR-10 | probe Imagenette-32 |", "|---|---|---|---|---|---|"]
+  for label in ("full data", "InfoBatch"):
+    group = [r for r in runs if r["label"] == label]
+    lines.append(
+        f"| {label} | {mean_std_text([100 * r['report']['skipped_fraction'] for r in group])}% "
+        f"| {np.mean([r['report']['step_fraction'] for r in group]):.3f} "
+        f"| {mean_std_text([r['report']['train_seconds'] for r in group])} "
+        f"| {mean_std_text([100 * r['cifar'] for r in group])} "
+        f"| {mean_std_text([100 * r['nette'] for r in group])} |")
+  last = [r for r in runs if r["label"] == "InfoBatch"][-1]["report"]
+  lines += ["", "Pruned per epoch (InfoBatch, last seed): "
+            + ", ".join(str(p) for p in last["pruned_per_epoch"]), ""]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from distill import pipeline
 from distill.config import apply_overrides, base_config, load_config
 from distill.errors import DistillError
 from distill.loop import batch_indices, run_loop
@@ -94,3 +95,28 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     run_loop(name="bad", workdir=str(tmp_path), state={"x": jnp.zeros(1)}, step_fn=step,
              batch_fn=lambda i: None, num_steps=3, rng=jax.random.key(0), log_every=1,
              quiet=True)
+
+
+def test_on_demand_sections_may_change_until_their_artefacts_exist(tmp_path):
+  workdir = str(tmp_path)
+
+  def config(*overrides):
+    c = base_config()
+    apply_overrides(c, overrides)
+    return c
+
+  pipeline.prepare_workdir(base_config(), workdir)
+  changed = ("experts.epochs=7", "param_match.steps=9")
+  pipeline.prepare_workdir(config(*changed), workdir)   # nothing built yet: accepted and stored
+  with open(tmp_path / "config.json") as f:
+    stored = json.load(f)
+  assert stored["experts"]["epochs"] == 7 and stored["param_match"]["steps"] == 9
+  os.makedirs(tmp_path / "experts_ce")          # now the experts exist ...
+  with pytest.raises(DistillError, match="differs at: experts.epochs"):
+    pipeline.prepare_workdir(config("experts.epochs=8", "param_match.steps=9"), workdir)
+  # ... while parameter matching (no synthetic_iadd*/mtt* yet) may still change.
+  pipeline.prepare_workdir(config(*changed, "param_match.steps=11"), workdir)
+  with pytest.raises(DistillError, match="differs at: distill.steps"):
+    pipeline.prepare_workdir(config(*changed, "distill.steps=3"), workdir)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["param_match"]["steps"] == 11

@@ -212,11 +212,24 @@ def test_expert_buffer_has_every_epoch(expert_run):
   assert kernel.shape == (4, 3, 3, 3, 4)  # (epochs + 1, 3x3 conv, 3 -> 4 channels)
   steps = np.linalg.norm((kernel[1:] - kernel[:-1]).reshape(3, -1), axis=1)
   assert np.all(steps > 0)  # each epoch's snapshot differs from the one before
-  assert not (workdir / "experts" / "expert_00" / "ckpt").exists()
+  assert not (workdir / "experts_ce" / "expert_00" / "ckpt").exists()
   e, t, a, b = experts.sample_checkpoints(buffer, 0, 7, max_start=2, expert_epochs=1)
   assert t < 2
   np.testing.assert_array_equal(b["Conv_0"]["kernel"], buffer.trajectories[e]["Conv_0"][
       "kernel"][t + 1])
+
+
+def test_infobatch_experts_keep_every_epoch_and_report_pruning(blobs_npz, tmp_path):
+  buffer = experts.run_experts(_smoke(blobs_npz, "experts.infobatch.prune_ratio=0.5",
+                                      "experts.infobatch.delta=0.7"), str(tmp_path))
+  report = json.loads(str(np.load(tmp_path / "experts_ce" / "expert_00.npz")["meta"]))[
+      "infobatch"]
+  # Epoch 0 has no scores yet, epoch 1 prunes, epoch 2 (>= 0.7 * 3) anneals.
+  assert report["pruned_per_epoch"][0] == 0 < report["pruned_per_epoch"][1]
+  assert report["pruned_per_epoch"][2] == 0 and 0 < report["skipped_fraction"] < 0.5
+  kernel = buffer.trajectories[0]["Conv_0"]["kernel"]
+  steps = np.linalg.norm((kernel[1:] - kernel[:-1]).reshape(3, -1), axis=1)
+  assert np.all(steps > 0)  # a snapshot at the end of every (shorter) epoch
 
 
 def test_killed_expert_training_resumes_exactly(expert_run, blobs_npz, tmp_path, monkeypatch):
@@ -230,21 +243,21 @@ def test_killed_expert_training_resumes_exactly(expert_run, blobs_npz, tmp_path,
   monkeypatch.setattr(experts, "run_loop", killed_after_four_steps)
   with pytest.raises(KeyboardInterrupt):
     experts.run_experts(_smoke(blobs_npz), str(tmp_path))
-  assert not (tmp_path / "experts" / "expert_00.npz").exists()
+  assert not (tmp_path / "experts_ce" / "expert_00.npz").exists()
   monkeypatch.setattr(experts, "run_loop", real_loop)
   resumed = experts.run_experts(_smoke(blobs_npz), str(tmp_path))
   for a, b in zip(jax.tree.leaves(resumed.trajectories), jax.tree.leaves(buffer.trajectories)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # A finished expert is skipped on a rerun.
-  before = (tmp_path / "experts" / "expert_01.npz").stat().st_mtime_ns
+  before = (tmp_path / "experts_ce" / "expert_01.npz").stat().st_mtime_ns
   experts.run_experts(_smoke(blobs_npz), str(tmp_path))
-  assert (tmp_path / "experts" / "expert_01.npz").stat().st_mtime_ns == before
+  assert (tmp_path / "experts_ce" / "expert_01.npz").stat().st_mtime_ns == before
 
 
 def test_toy_run_lowers_the_matching_loss(expert_run):
   _, buffer = expert_run
   # The smoke settings (so the stage test below reuses this executable).
-  cfg = load_config(CONFIG + ":smoke").param_match
+  cfg = load_config(CONFIG + ":smoke", ["param_match.alpha_init=0.05"]).param_match
   model = experts.expert_model(buffer.meta["arch"], 3)
   method = pm.ParamMatch(cfg, model, "ce")
   x, y = make_blobs(6, size=16, seed=3)
@@ -268,33 +281,41 @@ def test_toy_run_lowers_the_matching_loss(expert_run):
 
 def test_param_match_stage_writes_the_synthetic_set(expert_run, blobs_npz, tmp_path):
   workdir, _ = expert_run
-  os.symlink(workdir / "experts", tmp_path / "experts")
+  os.symlink(workdir / "experts_ce", tmp_path / "experts_ce")
   assert main(["param-match", "--config", CONFIG + ":smoke", "--workdir", str(tmp_path),
                "--set", f"data.source={blobs_npz}", "--set", f"data.target={blobs_npz}"]) == 0
-  s = export.load_synthetic(str(tmp_path / "synthetic_iadd.npz"))
+  s = export.load_synthetic(str(tmp_path / "synthetic_iadd_ce.npz"))
   assert s.images.shape == (6, 16, 16, 3) and s.targets.shape == (6, 3)
   np.testing.assert_allclose(s.targets.sum(1), 1.0, rtol=1e-5)
-  assert s.labels.tolist() == [0, 0, 1, 1, 2, 2] and s.method == "iadd"
+  assert s.labels.tolist() == [0, 0, 1, 1, 2, 2] and s.method == "iadd_ce"
   assert s.step == 4 and s.extra["alpha"] > 0 and s.teacher == "source_labels"
+  # alpha_init = 0 starts the student at the experts' lr (0.05); 4 Adam steps
+  # of 0.03 on log(alpha) cannot move it by more than ~0.12 from there.
+  assert s.config["param_match"]["alpha_init"] == 0
+  assert s.extra["expert_seconds"] > 0   # the buffer's training time is part of the cost
+  assert abs(np.log(s.extra["alpha"]) - np.log(0.05)) < 0.2, s.extra["alpha"]
   summary = s.extra["weights"]["Conv_0/kernel"]
   assert summary["min"] <= summary["mean"] <= summary["max"] and summary["size"] == 108
-  for picture in ("synthetic_iadd_grid.png", "param_match_iadd_weights.png",
-                  "param_match_iadd/loss.png"):
+  for picture in ("synthetic_iadd_ce_grid.png", "param_match_iadd_ce_weights.png",
+                  "param_match_iadd_ce/loss.png"):
     assert (tmp_path / picture).stat().st_size > 0
-  metrics = [json.loads(line) for line in (tmp_path / "param_match_iadd" / "metrics.jsonl").open()]
+  metrics = [json.loads(line) for line in (tmp_path / "param_match_iadd_ce" / "metrics.jsonl").open()]
   assert [m["step"] for m in metrics] == [2, 4] and all(m["alpha"] > 0 for m in metrics)
   # Rerun without the export: the state comes back from the last checkpoint unchanged.
-  os.remove(tmp_path / "synthetic_iadd.npz")
+  os.remove(tmp_path / "synthetic_iadd_ce.npz")
   assert main(["param-match", "--config", CONFIG + ":smoke", "--workdir", str(tmp_path),
                "--set", f"data.source={blobs_npz}", "--set", f"data.target={blobs_npz}"]) == 0
-  again = export.load_synthetic(str(tmp_path / "synthetic_iadd.npz"))
+  again = export.load_synthetic(str(tmp_path / "synthetic_iadd_ce.npz"))
   np.testing.assert_array_equal(again.images, s.images)
   assert again.extra["alpha"] == s.extra["alpha"]
 
 
 def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys):
   cfg = base_config().param_match
+  with pytest.raises(DistillError, match="needs a positive param_match.alpha_init"):
+    pm.ParamMatch(cfg, experts.expert_model(expert_run[1].meta["arch"], 3), "ce")
   for key, value, message in (("method", "dc", "unknown param_match.method 'dc'"),
+                              ("alpha_init", -1.0, "alpha_init=-1.0 must be positive"),
                               ("granularity", "layer", "unknown param_match.granularity"),
                               ("prune_fraction", 1.0, "prune_fraction=1.0 must be in"),
                               ("syn_steps", 0, "syn_steps=0 must be at least 1")):
@@ -323,7 +344,7 @@ def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys
   with pytest.raises(DistillError, match="needs labels, but the source .* has none"):
     experts.run_experts(_smoke(str(unlabelled)), str(tmp_path / "run"))
   os.makedirs(tmp_path / "match")
-  os.symlink(expert_run[0] / "experts", tmp_path / "match" / "experts")
+  os.symlink(expert_run[0] / "experts_ce", tmp_path / "match" / "experts_ce")
   with pytest.raises(DistillError, match="trained with 'ce' but the source .* has no labels"):
     pm.run_param_match(_smoke(str(unlabelled)), str(tmp_path / "match"))
   # Through the command line: one `error:` line and exit status 2.

@@ -1,5 +1,6 @@
 """The transfer protocol and the results table, on tiny shapes."""
 
+import concurrent.futures
 import json
 import shutil
 
@@ -21,17 +22,33 @@ def _finetune_cfg(epochs):
                                         weight_decay=5e-4, augment=False, num_train=0))
 
 
-def test_finetune_raises_accuracy_on_a_separable_task(tmp_path):
-  x, y = make_blobs(160, seed=5)
-  xt, yt = make_blobs(90, seed=6)
+def _separable_task():
+  """(arch, fresh backbone, x_train, y_train, x_test, y_test): 3 blob classes, 16x16."""
   norm = lambda a: (a.astype(np.float32) / 255.0 - 0.4) / 0.3
+  (x, y), (xt, yt) = make_blobs(160, seed=5), make_blobs(90, seed=6)
   arch = dict(name="convnet", width=8, depth=2, norm="default")
-  backbone = init_model(build_model(arch), jax.random.key(0), (16, 16, 3))
-  before = transfer.finetune(_finetune_cfg(0), arch, backbone, norm(x), y, norm(xt), yt, 0,
-                             str(tmp_path), "ft0")
-  after = transfer.finetune(_finetune_cfg(15), arch, backbone, norm(x), y, norm(xt), yt, 0,
-                            str(tmp_path), "ft15")
+  return arch, init_model(build_model(arch), jax.random.key(0), (16, 16, 3)), norm(x), y, \
+      norm(xt), yt
+
+
+def test_finetune_raises_accuracy_on_a_separable_task(tmp_path):
+  task = _separable_task()
+  before = transfer.finetune(_finetune_cfg(0), *task, 0, str(tmp_path), "ft0")
+  after = transfer.finetune(_finetune_cfg(15), *task, 0, str(tmp_path), "ft15")
   assert after["accuracy"] > 0.9 > before["accuracy"] + 0.2, (before, after)
+
+
+def test_infobatch_finetuning_prunes_and_still_learns(tmp_path):
+  cfg = _finetune_cfg(15)
+  with cfg.unlocked():
+    cfg.infobatch = ml_collections.ConfigDict(dict(prune_ratio=0.5, delta=0.8))
+  out = transfer.finetune(cfg, *_separable_task(), 0, str(tmp_path), "ib")
+  assert out["accuracy"] > 0.9, out
+  assert 0 < out["skipped_fraction"] < 0.5 and out["steps"] < 15 * (160 // 32), out
+  plans = json.loads((tmp_path / "ib" / "plans.json").read_text())
+  assert [p["epoch"] for p in plans] == list(range(15))
+  assert plans[0]["pruned"] == 0 and all(p["pruned"] == 0 for p in plans[12:])  # annealing
+  assert sum(p["pruned"] for p in plans[1:12]) > 0
 
 
 def test_new_head_keeps_the_backbone_and_refuses_other_architectures():
@@ -67,6 +84,22 @@ def test_table_writer_round_trips_and_summarises():
     assert s["mean"] == pytest.approx(np.mean(acc))
     assert s["std"] == pytest.approx(np.std(acc, ddof=1))
     assert s["seeds"] == 3 and s["pretrain_seconds"] == pytest.approx(1.0)
+
+
+def test_add_runs_merges_without_duplicates_or_losses(tmp_path):
+  path = str(tmp_path / "table.json")
+  runs = _runs()
+  assert table.add_runs(path, runs[:5])["runs"] == runs[:5]
+  merged = table.add_runs(path, runs[3:] + runs[:2])   # overlapping keys are not added twice
+  assert merged["runs"] == runs
+  # Writers in parallel (one lock per open file, so threads contend like processes).
+  extra = [dict(r, seed=100 + i) for i, r in enumerate(runs * 4)]
+  chunks = [extra[i::4] for i in range(4)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda chunk: [table.add_runs(path, [r]) for r in chunk], chunks))
+  final = json.loads((tmp_path / "table.json").read_text())["runs"]
+  assert len(final) == len(runs) + len(extra)
+  assert sorted(map(table._key, final)) == sorted(map(table._key, runs + extra))
 
 
 @pytest.mark.parametrize("override,message", [

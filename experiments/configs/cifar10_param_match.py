@@ -40,7 +40,6 @@ def get_config(variant: str = ""):
   c.experts.objective = "mse"
   c.experts.arch.width = 16
   c.experts.batch_size = 256
-  c.experts.lr = 1.0          # MSE to 512-d reps: small gradients, large lr
   c.experts.log_every = 39
 
   c.param_match.method = "iadd"
@@ -54,14 +53,11 @@ def get_config(variant: str = ""):
   c.param_match.lr_targets = 1e-2
   c.param_match.lr_weights = 1e-2
   c.param_match.lr_alpha = 1e-2
-  c.param_match.alpha_init = 1.0  # the experts' lr
   c.param_match.log_every = 5
   c.param_match.checkpoint_every = 20
 
   if variant == "ce":
     c.experts.objective = "ce"
-    c.experts.lr = 0.01
-    c.param_match.alpha_init = 0.01
   elif variant == "mtt":
     c.param_match.method = "mtt"
   elif variant == "smoke":
@@ -78,7 +74,7 @@ def get_config(variant: str = ""):
     c.experts.arch.width = 4
     c.experts.arch.depth = 1
     c.experts.batch_size = 32
-    c.experts.lr = 0.05
+    c.experts.lr_ce = 0.05
     c.experts.augment = False
     c.experts.log_every = 3
     c.param_match.num_synthetic = 6
@@ -88,7 +84,6 @@ def get_config(variant: str = ""):
     c.param_match.syn_batch = 0
     c.param_match.steps = 4
     c.param_match.augment = False
-    c.param_match.alpha_init = 0.05
     c.param_match.lr_images = 3e-2
     c.param_match.lr_targets = 3e-2
     c.param_match.lr_weights = 3e-2
