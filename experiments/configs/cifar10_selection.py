@@ -7,7 +7,7 @@ Commands (from the repository root, with ../shared/data beside it):
       --workdir runs/selection_cifar10/influence      (needs <workdir>/teacher)
 and the measurement scripts, which use this config:
   experiments/source_pruning.py, experiments/infobatch_teacher.py,
-  experiments/influence_duplicates.py
+  experiments/infobatch_finetune.py, experiments/influence_duplicates.py
 
 Source: 5k labelled CIFAR-10 training images (10 groups = classes).
 Target: Imagenette resized to 32x32 (votes from 3k training images, linear
@@ -15,7 +15,8 @@ probe accuracy on its 3,925 validation images). Teacher: the width-32
 ConvNet Barlow Twins of cifar10_krr_st.py, 10 epochs here.
 
 Recorded results: experiments/results/selection_influence.md,
-selection_infobatch.md and selection_source_pruning.md.
+selection_infobatch.md, selection_infobatch_finetune.md and
+selection_source_pruning.md.
 """
 
 import os
