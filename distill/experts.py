@@ -60,9 +60,7 @@ def supervised_loss(objective: str, outputs: jax.Array, targets: jax.Array) -> j
   Returns:
     Scalar: mean cross-entropy, or the mean over batch and dims of the squared error.
   """
-  if objective == "ce":
-    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(outputs), axis=-1))
-  return jnp.mean((outputs - targets) ** 2)
+  return jnp.mean(per_sample_loss(objective, outputs, targets))
 
 
 def per_sample_loss(objective: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -183,36 +181,35 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
   state = init_expert_state(model, optimizer, jax.random.fold_in(jax.random.key(seed), index),
                             tuple(images.shape[1:]), cfg.epochs)
   batch_seed = 1000 * seed + index
+  step_fn = lambda s, b, r: step(s, b, r, stats, teacher_vars)
   t0 = time.perf_counter()
   extra = {}
   if pruned:
     # InfoBatch: the lr is constant (plain SGD), so only the epochs change length.
     state["scores"] = infobatch.init_scores(n)
     state, records, history = infobatch.run_epochs(
-        name=name, workdir=directory, state=state,
-        step_fn=lambda s, b, r: step(s, b, r, stats, teacher_vars),
+        name=name, workdir=directory, state=state, step_fn=step_fn,
         make_batch=lambda idx, w, _, epoch_end: (
             images[idx], None if labels is None else labels[idx], np.int32(epoch_end),
             jnp.asarray(idx), jnp.asarray(w)),
         num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
         prune_ratio=ib.prune_ratio, delta=ib.delta, seed=batch_seed, quiet=quiet)
     extra = dict(infobatch=infobatch.pruning_report(records, n, batch_size, cfg.epochs))
+  else:
+    def batch_fn(i):
+      idx = batch_indices(batch_seed, i, n, batch_size)
+      done = i + 1
+      slot = done // steps_per_epoch if done % steps_per_epoch == 0 else 0
+      return images[idx], None if labels is None else labels[idx], np.int32(slot)
 
-  def batch_fn(i):
-    idx = batch_indices(batch_seed, i, n, batch_size)
-    done = i + 1
-    slot = done // steps_per_epoch if done % steps_per_epoch == 0 else 0
-    return images[idx], None if labels is None else labels[idx], np.int32(slot)
-
-  if not pruned:
     state, history = run_loop(
-        name=name, workdir=directory, state=state,
-        step_fn=lambda s, b, r: step(s, b, r, stats, teacher_vars),
+        name=name, workdir=directory, state=state, step_fn=step_fn,
         batch_fn=batch_fn, num_steps=num_steps,
         rng=jax.random.fold_in(jax.random.key(seed + 1), index),
         log_every=max(min(cfg.log_every, num_steps), 1), checkpoint_every=steps_per_epoch,
         quiet=quiet)
-  info = dict(meta or {}, **extra, objective=cfg.objective, epochs=cfg.epochs, arch=cfg.arch.to_dict(),
+  info = dict(meta or {}, **extra, objective=cfg.objective, epochs=cfg.epochs,
+              arch=cfg.arch.to_dict(),
               num_outputs=num_outputs, image_shape=list(images.shape[1:]),
               mean=[float(m) for m in mean], std=[float(s) for s in std], lr=lr,
               dtype=cfg.dtype, seconds=time.perf_counter() - t0,
