@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from distill.errors import DistillError
+from distill.errors import DistillError, one_line
 
 
 def _arch(name="convnet", width=128, depth=3, norm="default"):
@@ -231,13 +231,13 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     module_spec.loader.exec_module(module)
   except (AttributeError, KeyError) as e:
     # A locked ConfigDict raises these for a misspelt key.
-    raise DistillError(f"config {path}: {_first_line(e)}") from e
+    raise DistillError(f"config {path}: {one_line(e)}") from e
   if not hasattr(module, "get_config"):
     raise DistillError(f"config {path} has no get_config() function")
   try:
     config = module.get_config(variant) if variant else module.get_config()
   except (AttributeError, KeyError) as e:
-    raise DistillError(f"config {path}: {_first_line(e)}") from e
+    raise DistillError(f"config {path}: {one_line(e)}") from e
   apply_overrides(config, overrides)
   return config
 
@@ -271,11 +271,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
       raise DistillError(f"config key {key!r} expects {type(old).__name__}, got {raw!r}")
     with config.unlocked():
       node[leaf] = value
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().strip("'\"")
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

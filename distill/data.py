@@ -42,15 +42,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from distill import sources
-from distill.errors import DistillError
+from distill import files, sources
+from distill.errors import DistillError, one_line
 # Defined next to the readers that build datasets (which this module imports,
 # so they cannot import it); part of this module's API all the same.
 from distill.sources import ArrayDataset
@@ -96,7 +95,7 @@ def load_dataset(source: str, split: str = "train", *,
                        *sources.folder_key(path, files), split)
     except OSError as e:
       raise DistillError(
-          f"cannot read dataset folder {path}: {sources.first_line(e)}") from e
+          f"cannot read dataset folder {path}: {one_line(e)}") from e
     return _cached(cache_dir, path, split, key,
                    lambda: sources.decode_folder(path, split, files))
   if os.path.isfile(path):
@@ -311,23 +310,11 @@ def _write_cache(file: str, key: str, ds: ArrayDataset) -> None:
     arrays["labels"] = ds.labels
   if ds.class_names is not None:
     arrays["class_names"] = np.array(ds.class_names, dtype=str)
-  tmp = None
   try:
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file), prefix=".tmp-",
-                               suffix=".npz")
-    # mkstemp creates the file private; the cache is meant to be shareable.
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
     # Readers see either no file or a complete one, never a partial write.
-    os.replace(tmp, file)
-  except OSError as e:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
-    warnings.warn(f"could not write dataset cache {file}: {e}")
+    files.write_atomic(file, lambda f: np.savez(f, **arrays))
+  except DistillError as e:
+    warnings.warn(f"could not write dataset cache: {e}")
 
 
 # ---------------------------------------------------------------- utilities

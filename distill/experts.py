@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, infobatch
+from distill import augment, files, infobatch
 from distill.errors import DistillError
 from distill.loop import batch_indices, log, run_loop
 from distill.models import build_model
@@ -227,12 +227,7 @@ def save_trajectory(path: str, trajectory: dict, meta: dict, dtype: str = "float
   flat = flax.traverse_util.flatten_dict(trajectory, sep=_SEP)
   arrays = {f"params{_SEP}{k}": np.asarray(v, dtype) for k, v in flat.items()}
   arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-  return path
+  return files.write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_trajectory(path: str) -> tuple[dict, dict]:

@@ -21,12 +21,12 @@ import dataclasses
 import json
 import math
 import os
-import secrets
 
 import numpy as np
 from PIL import Image
 
-from distill.errors import DistillError
+from distill import files
+from distill.errors import DistillError, one_line
 
 FORMAT_VERSION = "1"
 
@@ -71,12 +71,6 @@ class SyntheticSet:
   version: str = FORMAT_VERSION
 
 
-def _one_line(err: BaseException) -> str:
-  """`Type: message` squeezed onto one line, for wrapping foreign errors."""
-  text = " ".join(str(err).split())
-  return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def _json_default(obj):
   # numpy scalars and arrays turn up in configs built from computed values.
   if isinstance(obj, (np.generic, np.ndarray)):
@@ -91,7 +85,7 @@ def _to_json(value, key: str, where: str) -> str:
     return json.dumps(value, sort_keys=True, default=_json_default)
   except (TypeError, ValueError) as err:
     raise DistillError(
-        f"{where}: {key} is not JSON-serialisable ({_one_line(err)})") from None
+        f"{where}: {key} is not JSON-serialisable ({one_line(err)})") from None
 
 
 def _check_version(version, where: str) -> None:
@@ -192,40 +186,6 @@ def validate(synthetic: SyntheticSet) -> None:
   _validate(synthetic, "synthetic set")
 
 
-def _atomic_write(path: str, write) -> None:
-  """Calls `write(fileobj)` on a temp file beside `path`, then renames it over.
-
-  A crash mid-write leaves any previous file at `path` untouched and removes
-  the temp file. `os.open` with mode 0o666 lets the umask decide permissions,
-  as for a plain `open`.
-  """
-  directory = os.path.dirname(path) or "."
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-  try:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  except OSError as err:
-    raise DistillError(f"{path}: cannot write ({_one_line(err)})") from None
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as err:
-    _remove_quietly(tmp)
-    raise DistillError(f"{path}: cannot write ({_one_line(err)})") from None
-  except BaseException:
-    _remove_quietly(tmp)
-    raise
-
-
-def _remove_quietly(path: str) -> None:
-  try:
-    os.remove(path)
-  except OSError:
-    pass
-
-
 def _prepare_target(path, overwrite: bool) -> str:
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -238,7 +198,7 @@ def _prepare_target(path, overwrite: bool) -> str:
       os.makedirs(directory, exist_ok=True)
     except OSError as err:
       raise DistillError(
-          f"{path}: cannot create parent directory ({_one_line(err)})") from None
+          f"{path}: cannot create parent directory ({one_line(err)})") from None
   return path
 
 
@@ -273,7 +233,7 @@ def save_synthetic(path: str, synthetic: SyntheticSet, *, overwrite: bool = True
   if synthetic.labels is not None:
     labels = np.asarray(synthetic.labels)
     arrays["labels"] = labels.astype(np.int32 if labels.ndim == 1 else np.float32)
-  _atomic_write(path, lambda f: np.savez(f, **arrays))
+  files.write_atomic(path, lambda f: np.savez(f, **arrays))
   return path
 
 
@@ -287,7 +247,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   try:
     f = open(path, "rb")
   except OSError as err:
-    raise DistillError(f"{path}: cannot read ({_one_line(err)})") from None
+    raise DistillError(f"{path}: cannot read ({one_line(err)})") from None
   # We own the handle: np.load leaks its own when the zip directory is bad.
   with f:
     # Sniff the magic first: np.load takes any non-zip, non-npy bytes for a
@@ -306,7 +266,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
           data[key] = npz[key]
     except Exception as err:  # zipfile, zlib and numpy raise many types here.
       member = "" if key is None else f"key {key!r}: "
-      raise DistillError(f"{bad}: {member}{_one_line(err)}") from None
+      raise DistillError(f"{bad}: {member}{one_line(err)}") from None
   return data
 
 
@@ -325,7 +285,7 @@ def _json_dict(data: dict, key: str, path: str) -> dict:
   try:
     value = json.loads(text)
   except ValueError as err:
-    raise DistillError(f"{path}: {key} is not valid JSON ({_one_line(err)})") from None
+    raise DistillError(f"{path}: {key} is not valid JSON ({one_line(err)})") from None
   if not isinstance(value, dict):
     raise DistillError(f"{path}: {key} must be a JSON object, got {type(value).__name__}")
   return value
@@ -504,7 +464,7 @@ def save_image_grid(path: str, images: np.ndarray, mean, std,
     size = (image.width * scale, image.height * scale)
     image = image.resize(size, Image.Resampling.NEAREST)
   path = _prepare_target(path, overwrite=True)
-  _atomic_write(path, lambda f: image.save(f, format="PNG"))
+  files.write_atomic(path, lambda f: image.save(f, format="PNG"))
   return path
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")  # no display on servers; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
+
+from distill import files  # noqa: E402
 
 
 def save_curve(path: str, history: list[dict], key: str, title: str) -> str | None:
@@ -19,7 +19,6 @@ def save_curve(path: str, history: list[dict], key: str, title: str) -> str | No
   points = [(r["step"], r[key]) for r in history if key in r]
   if not points:
     return None
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
   ax.plot(*zip(*points), lw=1.5)
   ax.set_xlabel("step")
@@ -35,7 +34,6 @@ def save_size_sweep(path: str, series: dict, title: str) -> str:
   Args:
     series: {row: [(n, mean accuracy, std), ...]}.
   """
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
   for row, points in sorted(series.items()):
     n, mean, std = (np.asarray(v) for v in zip(*sorted(points)))
@@ -52,8 +50,7 @@ def save_size_sweep(path: str, series: dict, title: str) -> str:
 def save_figure(fig, path: str) -> str:
   """Writes through a temporary file, so a kill never leaves a broken PNG."""
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  try:
+    return files.write_atomic(path, lambda f: fig.savefig(f, format="png"))
+  finally:
+    plt.close(fig)

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from distill.errors import DistillError
+from distill.errors import DistillError, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 # Images per decoding task; large enough to amortise inter-process transfer.
@@ -165,7 +165,7 @@ def _read_idx(filename: str) -> np.ndarray:
         raw = f.read()
   except (OSError, EOFError, zlib.error) as e:
     raise DistillError(
-        f"cannot read IDX file {filename}: {first_line(e)}") from e
+        f"cannot read IDX file {filename}: {one_line(e)}") from e
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise DistillError(
         f"not an IDX file: {filename} (bad magic number {raw[:4].hex()})")
@@ -289,7 +289,7 @@ def _archive_chunks(path: str, split: str) -> Iterator[list]:
               yield chunk
               chunk = []
   except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-    raise DistillError(f"cannot read archive {path}: {first_line(e)}") from e
+    raise DistillError(f"cannot read archive {path}: {one_line(e)}") from e
   if len(roots) > 1:
     raise DistillError(
         f"archive {path} has several folders for split {split!r}: "
@@ -339,7 +339,7 @@ def _decode_image(data: bytes | str, name: str) -> tuple[np.ndarray, str]:
       im = im.convert("L" if mode in _GREY_MODES else "RGB")
       arr = np.asarray(im)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise DistillError(f"cannot decode image {name}: {first_line(e)}") from e
+    raise DistillError(f"cannot decode image {name}: {one_line(e)}") from e
   return (arr[..., None] if arr.ndim == 2 else arr), mode
 
 
@@ -437,7 +437,7 @@ def load_npz(path: str, split: str) -> ArrayDataset:
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
           zlib.error) as e:
     raise DistillError(
-        f"cannot read npz file {path}: {type(e).__name__}: {first_line(e)}"
+        f"cannot read npz file {path}: {one_line(e)}"
     ) from e
   images = _npz_images(path, ikey, images)
   if labels is not None:
@@ -509,7 +509,7 @@ def load_tfds(name: str, split: str, data_dir: str | None) -> ArrayDataset:
   except ImportError as e:
     raise DistillError(
         f"TFDS dataset {name!r} needs tensorflow and tensorflow-datasets: "
-        f"{first_line(e)}") from e
+        f"{one_line(e)}") from e
   try:
     # JAX owns the accelerator; TF only needs the CPU to read records.
     tf.config.set_visible_devices([], "GPU")
@@ -522,7 +522,7 @@ def load_tfds(name: str, split: str, data_dir: str | None) -> ArrayDataset:
   except Exception as e:  # pylint: disable=broad-except
     raise DistillError(
         f"cannot load TFDS dataset {name!r} split {split!r}: "
-        f"{type(e).__name__}: {first_line(e)}") from e
+        f"{one_line(e)}") from e
   spec = ds.element_spec
   if not isinstance(spec, dict) or "image" not in spec:
     keys = list(spec) if isinstance(spec, dict) else []
@@ -560,7 +560,7 @@ def load_tfds(name: str, split: str, data_dir: str | None) -> ArrayDataset:
   except Exception as e:  # pylint: disable=broad-except
     raise DistillError(
         f"cannot read TFDS dataset {name!r} split {split!r}: "
-        f"{type(e).__name__}: {first_line(e)}") from e
+        f"{one_line(e)}") from e
   if not images:
     raise DistillError(
         f"no images for split {split!r} in TFDS dataset {name!r}")
@@ -597,12 +597,6 @@ def _describe(x) -> str:
   if isinstance(x, np.ndarray):
     return f"{x.dtype} array of shape {x.shape}"
   return type(x).__name__
-
-
-def first_line(e: BaseException) -> str:
-  """The first line of an exception's message, for one-line errors."""
-  lines = str(e).strip().splitlines()
-  return lines[0] if lines else type(e).__name__
 
 
 def _names(names: Iterable[str], limit: int = 12) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import export
+from distill import export, files
 from distill.errors import DistillError
 
 N, H, W, C, D = 6, 8, 8, 3, 5
@@ -117,6 +117,27 @@ def test_os_error_during_write_is_distill_error_and_cleans_up(tmp_path, monkeypa
   with pytest.raises(DistillError, match="cannot write.*No space left"):
     export.save_synthetic(path, make_set())
   assert os.listdir(tmp_path) == []
+
+
+def test_write_atomic_takes_text_bytes_or_a_writer_and_leaves_no_temp_file(tmp_path):
+  path = str(tmp_path / "sub" / "f.txt")  # the folder is created
+  files.write_atomic(path, "é\n")
+  assert open(path, encoding="utf-8").read() == "é\n"
+  files.write_atomic(path, b"\x00\x01")
+  assert open(path, "rb").read() == b"\x00\x01"
+  files.write_atomic(path, lambda f: f.write(b"abc"))
+  assert open(path, "rb").read() == b"abc"
+  with pytest.raises(ZeroDivisionError):
+    files.write_atomic(path, lambda f: (f.write(b"half"), 1 / 0))
+  assert open(path, "rb").read() == b"abc"
+  assert os.listdir(tmp_path / "sub") == ["f.txt"]
+
+
+def test_write_atomic_into_a_file_path_is_a_distill_error(tmp_path):
+  (tmp_path / "plain").write_text("x")
+  with pytest.raises(DistillError, match="plain/f.txt: cannot write"):
+    files.write_atomic(str(tmp_path / "plain" / "f.txt"), "y")
+  assert (tmp_path / "plain").read_text() == "x"
 
 
 def test_overwrite_false_keeps_old_file(tmp_path):
