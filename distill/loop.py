@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from distill import files
 from distill.errors import DistillError
 
 
@@ -110,9 +111,9 @@ def run_loop(*, name: str, workdir: str, state: Any,
       print(f"[{name}] resumed from step {start}/{num_steps}", flush=True)
   last_saved = start
   t_last, s_last, t_start = time.perf_counter(), start, time.perf_counter()
-  with open(metrics_path, "w") as f:
-    for record in history:
-      f.write(json.dumps(record) + "\n")
+  # Drop records past the checkpoint (they will be logged again); atomic, so a
+  # kill here cannot lose the records before it.
+  files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
   fold_in = jax.jit(jax.random.fold_in)  # eager, it would dispatch op by op each step
   accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m))
   window, window_len = None, 0
