@@ -1,4 +1,5 @@
-"""Pictures of results: training curves (image grids live in export.py)."""
+"""Pictures of results: training curves, the results table, the size sweep
+(image grids of synthetic sets live in export.py)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,48 @@ def save_size_sweep(path: str, series: dict, title: str) -> str:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
+  return save_figure(fig, path)
+
+
+def save_accuracy_dots(path: str, panels: dict, rows: list[str], reference: str = "none") -> str:
+  """The results table as a dot plot: one panel per (target, read-out), one
+  dot per row and architecture (mean, with a std whisker) and a dashed line
+  per architecture at the `reference` row, so gains and losses against it
+  show. Dots rather than bars, so the axis can zoom onto the few points that
+  separate the rows.
+
+  Args:
+    panels: {panel title: {arch: {row: (mean accuracy, std)}}}, accuracies in [0, 1].
+    rows: the rows in display order (top to bottom); rows absent from a panel
+      leave a gap.
+  """
+  archs = list(dict.fromkeys(a for panel in panels.values() for a in panel))
+  ncols = min(3, len(panels))
+  nrows = -(-len(panels) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, squeeze=False, dpi=120,
+                           figsize=(4.2 * ncols, (0.8 + 0.28 * len(rows)) * nrows))
+  offset = 0.5 / len(archs)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, (title, by_arch) in zip(axes.flat, panels.items()):
+    for i, arch in enumerate(archs):
+      color = colors[i % len(colors)]
+      values = by_arch.get(arch, {})
+      shown = [r for r in rows if r in values]
+      if not shown:
+        continue
+      ys = [rows.index(r) + (i - (len(archs) - 1) / 2) * offset for r in shown]
+      means, stds = (100 * np.asarray(v) for v in zip(*[values[r] for r in shown]))
+      ax.errorbar(means, ys, xerr=stds, fmt="o", ms=4, capsize=2, color=color, label=arch)
+      if reference in values:
+        ax.axvline(100 * values[reference][0], color=color, ls="--", lw=1)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=8)
   return save_figure(fig, path)
 
 

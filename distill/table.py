@@ -346,6 +346,8 @@ def write_outputs(results: dict, config, workdir: str) -> dict:
   if config.eval.sizes and series:
     png = plots.save_size_sweep(os.path.join(workdir, "size_sweep.png"), series,
                                 "linear-probe top-1 vs set size")
+  dots = save_table_figure(os.path.join(workdir, "table.png"), results["summary"],
+                           config.distill.num_synthetic)
   log(markdown)
   if config.eval.results_path:
     prefix = config.eval.results_path
@@ -355,4 +357,23 @@ def write_outputs(results: dict, config, workdir: str) -> dict:
     files.write_atomic(prefix + ".md", markdown)
     if png:
       shutil.copyfile(png, prefix + "_size_sweep.png")
+    if dots:
+      shutil.copyfile(dots, prefix + ".png")
   return results
+
+
+def save_table_figure(path: str, summary: list[dict], n: int) -> str | None:
+  """The size-n accuracy tables of `summarize` as a dot plot (see plots.save_accuracy_dots).
+
+  Returns:
+    The PNG's path, or None when there is no entry of size n.
+  """
+  panels: dict = {}
+  for s in summary:
+    if s["n"] == n:
+      title = f"{s['target']}, {s['readout'].replace('_', ' ')}"
+      panels.setdefault(title, {}).setdefault(s["arch"], {})[s["row"]] = (s["mean"], s["std"])
+  if not panels:
+    return None
+  present = {s["row"] for s in summary if s["n"] == n}
+  return plots.save_accuracy_dots(path, panels, [r for r in sets.ROWS if r in present])

@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from distill import export, table, transfer
 from distill.cli import main
@@ -86,6 +87,16 @@ def test_table_writer_round_trips_and_summarises():
     assert s["seeds"] == 3 and s["pretrain_seconds"] == pytest.approx(1.0)
 
 
+def test_table_figure_has_a_panel_per_target_and_readout(tmp_path):
+  summary = table.summarize(_runs())
+  path = table.save_table_figure(str(tmp_path / "t.png"), summary, n=12)
+  with Image.open(path) as png:
+    width, height = png.size
+  assert width > 2 * height   # 2 targets x 2 read-outs -> 3 columns, 2 rows of panels
+  assert table.save_table_figure(str(tmp_path / "none.png"), summary, n=99) is None
+  assert not (tmp_path / "none.png").exists()
+
+
 def test_add_runs_merges_without_duplicates_or_losses(tmp_path):
   path = str(tmp_path / "table.json")
   runs = _runs()
@@ -154,6 +165,8 @@ def test_table_has_every_entry_and_output(small_table):
     assert f"| {row} |" in markdown
   assert "### other, finetune" in markdown and "### Cost" in markdown
   assert len(table.read_csv((workdir / "out" / "small.csv").read_text())) == len(runs)
+  with Image.open(workdir / "out" / "small.png") as png:   # the table as a dot plot
+    assert png.format == "PNG" and png.size[0] > 500 and png.size[1] > 200
   for built in ("kip_n12", "frepo_n12", "kmeans_n12", "random_n12_seed0"):
     assert (workdir / "sets" / f"{built}.npz").exists()
   assert export.load_synthetic(str(workdir / "sets" / "frepo_n12.npz")).targets.shape == (12, 3)
