@@ -236,7 +236,7 @@ def _key(r: dict) -> tuple:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-  """Mean, std (ddof=1) and mean wall-clock per (n, row, arch, target, readout)."""
+  """Mean, std (ddof=1) and median wall-clock per (n, row, arch, target, readout)."""
   groups: dict[tuple, list[dict]] = {}
   for r in runs:
     groups.setdefault((r["n"], r["row"], r["arch"], r["target"], r["readout"]), []).append(r)
@@ -246,9 +246,10 @@ def summarize(runs: list[dict]) -> list[dict]:
     out.append(dict(n=n, row=row, arch=arch, target=target, readout=readout,
                     mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                     seeds=len(acc),
-                    set_seconds=float(np.mean([r["set_seconds"] for r in rs])),
-                    pretrain_seconds=float(np.mean([r["pretrain_seconds"] for r in rs])),
-                    readout_seconds=float(np.mean([r["readout_seconds"] for r in rs]))))
+                    # Medians: one seed slowed by another job should not set the cost.
+                    set_seconds=float(np.median([r["set_seconds"] for r in rs])),
+                    pretrain_seconds=float(np.median([r["pretrain_seconds"] for r in rs])),
+                    readout_seconds=float(np.median([r["readout_seconds"] for r in rs]))))
   return out
 
 
@@ -278,7 +279,7 @@ def format_markdown(results: dict, config) -> str:
                      f"({hit[0]['seeds']})" if hit else "-")
       lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
-  lines += ["### Cost (seconds, mean per seed)", "",
+  lines += ["### Cost (seconds, median over seeds)", "",
             "| row | arch | building the set | pretraining | set + pretraining |",
             "|---|---|---|---|---|"]
   seen = set()

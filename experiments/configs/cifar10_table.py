@@ -12,11 +12,13 @@ cifar10_param_match.py. Rows: none, random, k-means, KIP (ConvNet
 NTK without pooling, 2x2-averaged inputs, depth 2), FRePo-style supervised
 KRR (the KRR-ST pool, learned labels), KRR-ST, IADD and MTT against label-
 free experts (iadd, mtt) and against cross-entropy experts (iadd_ce,
-mtt_ce), full-source pretraining and the teacher itself. Pretraining on ConvNet-w32 and ResNet-10-w16; targets
-CIFAR-10 test, Imagenette-32 (val) and Fashion-MNIST (test), each read out
-by a ridge linear probe and by fine-tuning (1,000 training images, 10
-epochs), 3 seeds. Recorded result (ConvNet column only, `--set eval.archs=()`):
-experiments/results/cifar10_table.md.
+mtt_ce), full-source pretraining and the teacher itself. Pretraining on
+ConvNet-w32, ResNet-10-w16 and ResNet-18-w16 (the sets are distilled once,
+with ConvNets); targets CIFAR-10 test, Imagenette-32 (val) and Fashion-MNIST
+(test), each read out by a ridge linear probe and by fine-tuning (1,000
+training images, 10 epochs), 3 seeds. Recorded result, with the subsets of
+rows, seeds and read-outs each architecture got on a 2-core CPU and the
+commands that made it: experiments/results/cifar10_table.md (+ .png).
 
 Variant `:sweep` is the size sweep, in its own workdir (copy or link the
 teacher of the table's workdir into it; the teacher settings are the same):
@@ -42,7 +44,7 @@ def get_config(variant: str = ""):
   c.eval.rows = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "iadd", "mtt",
                  "iadd_ce", "mtt_ce", "full", "teacher")
   c.eval.readouts = ("linear_probe", "finetune")
-  c.eval.archs = ("resnet10:16",)
+  c.eval.archs = ("resnet10:16", "resnet18:16")
   c.eval.extra_targets = (os.path.join(SHARED, "imagenette32-png.tar.gz") + "|train|val",
                           "/usr/share/datasets/fashion-mnist|train|test")
   c.eval.full_epochs = 5
