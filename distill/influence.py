@@ -45,7 +45,6 @@ O(N V p): about 0.2 GB for 50k images, 2 views and 512 features.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 
@@ -205,9 +204,7 @@ def run_influence(config, workdir: str) -> dict:
   out["duplicate"], out["nearest"] = duplicate_scores(clean)
   meta = dict(source=source.name, num_images=len(images), num_views=cfg.num_views,
               reg=cfg.reg, lam=lam, feature_dim=teacher.dim)
-  buffer = io.BytesIO()
-  np.savez(buffer, meta=json.dumps(meta), **out)
-  files.write_atomic(out_path, buffer.getvalue())
+  files.write_atomic(out_path, lambda f: np.savez(f, meta=json.dumps(meta), **out))
   for name in ("self_influence", "duplicate"):
     top = np.argsort(-out[name], kind="stable")[:5]
     log(f"[influence] highest {name}: " + ", ".join(f"#{i} ({out[name][i]:.3g})" for i in top))

@@ -24,7 +24,6 @@ source as `pipeline.load_source(config)` returns it (after the seeded
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import NamedTuple
@@ -208,11 +207,10 @@ def surrogate_outputs(model, variables, images: np.ndarray):
 
 def save_pruning(path: str, result: PruningResult, meta: dict) -> None:
   """Writes the result as .npz atomically (temp file + rename)."""
-  buffer = io.BytesIO()
-  np.savez(buffer, method=result.method, keep_fraction=result.keep_fraction,
-           votes=result.votes, kept_groups=result.kept_groups, indices=result.indices,
-           groups=result.groups, meta=json.dumps(meta))
-  files.write_atomic(path, buffer.getvalue())
+  arrays = dict(method=result.method, keep_fraction=result.keep_fraction,
+                votes=result.votes, kept_groups=result.kept_groups, indices=result.indices,
+                groups=result.groups, meta=json.dumps(meta))
+  files.write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_pruning(path: str) -> PruningResult:

@@ -19,7 +19,6 @@ import csv
 import fcntl
 import io
 import os
-import shutil
 import time
 from typing import NamedTuple
 
@@ -352,14 +351,13 @@ def write_outputs(results: dict, config, workdir: str) -> dict:
   log(markdown)
   if config.eval.results_path:
     prefix = config.eval.results_path
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
-    for ext in (".json", ".csv"):
-      shutil.copyfile(os.path.join(workdir, "table" + ext), prefix + ext)
-    files.write_atomic(prefix + ".md", markdown)
-    if png:
-      shutil.copyfile(png, prefix + "_size_sweep.png")
-    if dots:
-      shutil.copyfile(dots, prefix + ".png")
+    published = {suffix: os.path.join(workdir, "table" + suffix)
+                 for suffix in (".json", ".csv", ".md")}
+    published.update({"_size_sweep.png": png, ".png": dots})
+    for suffix, written in published.items():
+      if written:
+        with open(written, "rb") as f:
+          files.write_atomic(prefix + suffix, f.read())
   return results
 
 
