@@ -19,8 +19,11 @@ import ml_collections
 from distill.errors import DistillError, one_line
 
 
-def _arch(name="convnet", width=128, depth=3, norm="default"):
-  return ml_collections.ConfigDict(dict(name=name, width=width, depth=depth, norm=norm))
+def _arch(name="convnet", width=128, depth=3, norm="default", widths=()):
+  # `widths` (ConvNet only): per-block channel counts; when given it replaces
+  # `width` and `depth` (the paper's pool is widths=(128, 256, 512)).
+  return ml_collections.ConfigDict(dict(name=name, width=width, depth=depth, norm=norm,
+                                        widths=tuple(widths)))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-3,
       weight_decay=1e-4,
       warmup_steps=500,
+      # What the teacher hands on as target representations g(x):
+      # "features": its backbone features as they are (a ResNet's are global-
+      # average-pooled; a ConvNet's are its flattened last feature map);
+      # "gap": the last feature map averaged over space (a ConvNet's map
+      # pooled the way a ResNet's is; for ResNets the same as "features").
+      representation="features",
       # InfoBatch dynamic pruning (distill/infobatch.py); `distill teacher`
       # uses it when prune_ratio > 0.
       infobatch=ml_collections.ConfigDict(dict(
@@ -75,12 +84,17 @@ def base_config() -> ml_collections.ConfigDict:
       reg_scaling="trace",     # reference convention: reg * trace(K_ss)
       ridge_form="auto",       # "dual" (n x n), "primal" (p x p) or "auto" (smaller)
       augment_real=True,
+      # The paper's pool for 32x32 sources (convnet_128_256_512_bn): batch
+      # norm in train mode for the inner step, eval mode (running statistics)
+      # for the kernel features. arch.widths=() with norm "instance" gives
+      # the constant-width instance-norm ConvNet.
       pool=ml_collections.ConfigDict(dict(
           size=10,
           max_age=1000,
-          arch=_arch("convnet", width=128, depth=3),
+          arch=_arch("convnet", width=128, depth=3, norm="batch", widths=(128, 256, 512)),
           lr=0.1,              # inner full-batch SGD on (X_s, Y_s)
           momentum=0.9,
+          weight_decay=1e-3,   # of the inner SGD (coupled, added to the gradient)
           init_age="uniform",  # "uniform": T ~ U{1..max_age}; "zero": fresh nets
       )),
       log_every=100,
@@ -122,20 +136,37 @@ def base_config() -> ml_collections.ConfigDict:
       granularity="parameter", # one weight per "parameter" or per "tensor"
       prune_fraction=0.0,      # leave this fraction of lowest-W parameters out of the loss
       remat=False,             # jax.checkpoint each student step (memory for compute)
-      augment=True,            # crop + flip the synthetic images in the student steps
+      # Crop + flip the synthetic images in the student steps: only for
+      # label targets ("ce" experts); teacher-space targets belong to the
+      # un-augmented images, so "mse" rows refuse it.
+      augment=False,
       log_every=50,
       checkpoint_every=500,
   ))
 
-  # Pretraining a fresh network on a synthetic set (MSE to its targets).
+  # Pretraining a fresh network on a set: MSE to teacher-space targets or
+  # learned labels, cross-entropy to soft labels of "ce" parameter matching
+  # (the recipe of each row is in distill/sets.py). The official recipe:
+  # SGD lr 0.1 constant, momentum 0.9, wd 1e-3, batch 256, 1000 epochs, no
+  # augmentation.
   c.pretrain = ml_collections.ConfigDict(dict(
       arch=_arch("convnet", width=128, depth=3),
       epochs=1000,
       batch_size=256,
       lr=0.1,
+      schedule="constant",     # "constant" or "cosine" (to 0 over the run)
       momentum=0.9,
       weight_decay=1e-3,
-      augment=True,
+      # Crop + flip. A set's fixed teacher targets belong to its un-augmented
+      # images, so with augmentation the targets of real-image sets (random,
+      # kmeans, full) are recomputed by the teacher on each view; learned
+      # teacher-space targets (krr_st, iadd, mtt) have no such teacher and
+      # always pretrain un-augmented; label targets are view-invariant.
+      augment=False,
+      # Regress (targets - their mean) / their overall std instead of the raw
+      # targets: same optimum up to the linear head, far better conditioned
+      # when the targets' mean dominates their spread (post-ReLU features).
+      standardize_targets=True,
   ))
 
   # Selection tools: source pruning for transfer and label-free influence.
@@ -161,6 +192,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Fine-tuning read-out: new linear head, all layers trained by cross-entropy.
   c.finetune = ml_collections.ConfigDict(dict(
+      steps=10_000,            # optimiser steps (the paper: 10k on CIFAR-size targets,
+                               # 5k on fine-grained ones); 0 = `epochs` epochs
       epochs=30,
       batch_size=128,
       lr=0.01,
@@ -191,10 +224,16 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=50,
   ))
 
-  # Linear probe on frozen features: ridge classifier, reg picked on a split.
+  # Linear probes on frozen features: ridge classifier, reg (trace_over_n
+  # convention, features centred and scaled to unit mean squared norm)
+  # chosen by k-fold cross-validation on the labelled training images.
+  # Read-outs linear_probe (all labels), linear_probe_5pct and
+  # linear_probe_1pct (a class-stratified 5% / 1% of them, averaged over
+  # `label_draws` draws: the low-label protocol of MKDT).
   c.probe = ml_collections.ConfigDict(dict(
-      regs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-      val_fraction=0.1,
+      regs=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+      folds=5,
+      label_draws=5,
   ))
 
   # The results table (distill/table.py): rows x architectures x targets x
@@ -203,7 +242,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       seeds=(0, 1, 2),
       rows=("none", "random", "krr_st"),
-      readouts=("linear_probe",),  # and/or "finetune"
+      readouts=("linear_probe",),  # and/or linear_probe_5pct, linear_probe_1pct, finetune
       archs=(),                # more pretraining archs, "name" or "name:width" (pretrain.arch first)
       extra_targets=(),        # more targets, "dataset|train_split|test_split" (data.target first)
       sizes=(),                # extra set sizes for the size sweep (linear probe, first target)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, files, infobatch
+from distill import augment, files, infobatch, teacher as teacher_lib
 from distill.errors import DistillError
 from distill.loop import batch_indices, log, run_loop
 from distill.models import build_model
@@ -82,7 +82,7 @@ def expert_model(arch, num_outputs: int) -> nn.Module:
 @functools.lru_cache(maxsize=None)
 def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: float,
                      augment_images: bool, teacher_model: nn.Module | None = None,
-                     weighted: bool = False):
+                     weighted: bool = False, representation: str = "features"):
   """A jitted `(state, batch, rng, stats, teacher_vars) -> (state, metrics)` SGD step.
 
   Cached on its (hashable) settings, so every expert of a run, and a resumed
@@ -111,7 +111,9 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
     if objective == "ce":
       targets = jax.nn.one_hot(labels, model.num_outputs)
     else:
-      targets = jax.lax.stop_gradient(teacher_model.apply(teacher_vars, x)[0])
+      # The teacher sees the same (augmented) view as the expert.
+      targets = jax.lax.stop_gradient(teacher_lib.represent(teacher_model, teacher_vars, x,
+                                                            representation))
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, x)[1]
@@ -175,7 +177,8 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
   ib = cfg.get("infobatch")
   pruned = ib is not None and ib.prune_ratio > 0
   step, optimizer = make_expert_step(model, cfg.objective, lr, cfg.momentum, cfg.augment,
-                                     None if teacher is None else teacher.model, pruned)
+                                     None if teacher is None else teacher.model, pruned,
+                                     "features" if teacher is None else teacher.representation)
   stats = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
   teacher_vars = None if teacher is None else teacher.variables
   state = init_expert_state(model, optimizer, jax.random.fold_in(jax.random.key(seed), index),
@@ -308,7 +311,7 @@ def buffer_dir(workdir: str, objective: str) -> str:
 def run_experts(config, workdir: str) -> ExpertBuffer:
   """Trains the experts of `config.experts` into `buffer_dir(workdir, objective)`; resumable."""
   # Imported here: the pipeline module imports the stages.
-  from distill import data, teacher as teacher_lib
+  from distill import data
   from distill.pipeline import load_source
   cfg = config.experts
   directory = buffer_dir(workdir, cfg.objective)
@@ -323,7 +326,7 @@ def run_experts(config, workdir: str) -> ExpertBuffer:
     num_outputs = len(source.class_names or ()) or int(source.labels.max()) + 1
     mean, std = data.channel_stats(source.images)
   else:
-    teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
+    teacher = teacher_lib.workdir_teacher(config, workdir)
     num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
   log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
       f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")

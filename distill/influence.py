@@ -156,8 +156,8 @@ def consistency_features(teacher, images: np.ndarray, num_views: int, key: jax.A
   if num_views < 1:
     raise DistillError(f"selection.influence.num_views must be at least 1, got {num_views}")
   mean, std = jnp.asarray(teacher.mean), jnp.asarray(teacher.std)
-  apply = jax.jit(lambda x, k: teacher.model.apply(
-      teacher.variables, augment.ssl_augment(k, x, mean, std))[0])
+  apply = jax.jit(lambda x, k: teacher.represent(
+      teacher.variables, augment.ssl_augment(k, x, mean, std)))
   clean = teacher.features(images, batch_size)
   views = []
   for j, start in enumerate(range(0, len(images), batch_size)):
@@ -177,13 +177,13 @@ def run_influence(config, workdir: str) -> dict:
     The arrays written to `<workdir>/influence.npz`.
   """
   from distill import data, pipeline  # stage helpers import most of the library
-  from distill.teacher import load_teacher
+  from distill.teacher import workdir_teacher
   cfg = config.selection.influence
   out_path = os.path.join(workdir, ARTEFACT)
   if os.path.exists(out_path):
     with np.load(out_path) as f:
       return {k: f[k] for k in f.files}
-  teacher = load_teacher(os.path.join(workdir, "teacher"))
+  teacher = workdir_teacher(config, workdir)
   source = pipeline.load_source(config)
   if source.images.shape[1:] != tuple(teacher.image_shape):
     raise DistillError(f"source images {source.images.shape[1:]} do not match the teacher's "

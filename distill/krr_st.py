@@ -8,7 +8,9 @@ representation g(x) of real images x well:
     loss = mean_{x in B, dims} (g(aug(x)) - K_ts (K_ss + lambda I)^-1 Y_s)^2
 
 with K on [f(.), 1]. The gradient flows into X_s (through K_ss and K_ts) and
-into Y_s; real-image features carry none.
+into Y_s; real-image features carry none. f is the pool model in eval mode
+(BatchNorm with its running statistics, see distill/pool.py) for both the
+real and the synthetic images; only the inner step uses batch statistics.
 
 The method is a small object with `init` and a jitted pure `step`:
     state = method.init(rng, images, targets)
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from distill import augment, pool as pool_lib
+from distill import augment, pool as pool_lib, teacher as teacher_lib
 from distill.models import build_model
 from kernels.ridge import krr_predict, with_bias
 
@@ -52,7 +54,8 @@ def krr_outer_loss(features_fn, params, synthetic: dict, phi_real: jax.Array,
 
   Args:
     features_fn: (params, x) -> (B, p) features.
-    params: the extractor's parameters.
+    params: the extractor's variables, any pytree `features_fn` takes (a
+      pool member is (params, batch_stats)).
     synthetic: {"images": (n, H, W, C), "targets": (n, d)}.
     phi_real: (B, p + 1) real features with bias column (no gradient).
     target_real: (B, d) teacher representations of the same real images.
@@ -71,7 +74,7 @@ class KRRST:
   """KRR-ST distillation with a pool of ConvNet feature extractors."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, image_shape, target_dim: int,
-               teacher_model: nn.Module, mean, std):
+               teacher_model: nn.Module, mean, std, representation: str = "features"):
     """Binds the settings.
 
     Args:
@@ -81,17 +84,25 @@ class KRRST:
       teacher_model: the teacher network (its variables come with each step),
         or None for the supervised variant (one-hot label targets, d = classes).
       mean, std: (C,) normalisation of the source images.
+      representation: which teacher representation the targets are
+        (teacher.REPRESENTATIONS); the synthetic targets must be the same one.
     """
     self.cfg = cfg
     self.mean = jnp.asarray(mean, jnp.float32)
     self.std = jnp.asarray(std, jnp.float32)
     pool_model = build_model(cfg.pool.arch, num_outputs=target_dim)
     self.pool_fns = pool_lib.make_pool_fns(pool_model, image_shape, cfg.pool.lr,
-                                           cfg.pool.momentum)
+                                           cfg.pool.momentum,
+                                           cfg.pool.get("weight_decay", 0.0))
     self.teacher_model = teacher_model
+    self.representation = representation
     self.optimizer = outer_optimizer(cfg)
     # The state is donated: its buffers are reused for the next state.
     self.step = jax.jit(self._step, donate_argnums=0)
+
+  def member_features(self, member, x: jax.Array) -> jax.Array:
+    """Eval-mode features (B, p) of x (B, H, W, C) under member (params, batch_stats)."""
+    return self.pool_fns.features(*member, x)
 
   def init(self, rng: jax.Array, images: jax.Array, targets: jax.Array,
            warm_up: bool = True) -> dict:
@@ -121,14 +132,15 @@ class KRRST:
       batch_uint8 = batch
     k_pick, k_aug, k_reset = jax.random.split(rng, 3)
     index = jax.random.randint(k_pick, (), 0, cfg.pool.size)
-    params = pool_lib.pool_member(state["pool"], index)
+    member = pool_lib.pool_member(state["pool"], index)   # (params, batch_stats)
     x_real = self.real_views(k_aug, batch_uint8)
     if self.teacher_model is None:
       target_real = jax.nn.one_hot(labels, num_classes)
     else:
-      target_real = self.teacher_model.apply(teacher_vars, x_real, train=False)[0]
-    phi_real = with_bias(self.pool_fns.features(params, x_real))
-    loss_fn = functools.partial(krr_outer_loss, self.pool_fns.features, params,
+      target_real = teacher_lib.represent(self.teacher_model, teacher_vars, x_real,
+                                          self.representation)
+    phi_real = with_bias(self.member_features(member, x_real))
+    loss_fn = functools.partial(krr_outer_loss, self.member_features, member,
                                 phi_real=jax.lax.stop_gradient(phi_real),
                                 target_real=jax.lax.stop_gradient(target_real),
                                 reg=cfg.reg, scaling=cfg.reg_scaling, form=cfg.ridge_form)

@@ -73,7 +73,7 @@ def run_loop(*, name: str, workdir: str, state: Any,
              step_fn: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
              batch_fn: Callable[[int], Any], num_steps: int, rng: jax.Array,
              log_every: int = 100, checkpoint_every: int = 1000,
-             check_fn: Callable[[int, dict], None] | None = None,
+             hint: str = "lower the learning rate or raise the regularisation",
              quiet: bool = False) -> tuple[Any, list[dict]]:
   """Runs `num_steps` steps with progress, checkpoints and resume.
 
@@ -89,15 +89,21 @@ def run_loop(*, name: str, workdir: str, state: Any,
     log_every: steps between progress lines and metric records (each
       record holds the mean of the metrics over those steps).
     checkpoint_every: steps between checkpoints (0: only at the end).
-    check_fn: `(step, metrics) -> None`, may raise DistillError; called at
-      each log point on host-side metrics.
+    hint: what to change when a step goes bad (ends the error message).
     quiet: no progress lines.
+
+  Every step's metrics are checked (on the device, without waiting for the
+  step): a non-finite `loss`, or a `solve_ok` below 1 (a ridge solve that
+  failed even with jitter), marks the step bad. The first bad step is
+  reported at the next log point or checkpoint, whichever comes first, and
+  no checkpoint is ever written after it: a resumed run restarts from a
+  healthy state.
 
   Returns:
     (final state, list of the logged metric dicts of this job).
 
   Raises:
-    DistillError: a non-finite loss, or whatever `check_fn` raises.
+    DistillError: a bad step (see above).
   """
   job_dir = os.path.join(workdir, name)
   os.makedirs(job_dir, exist_ok=True)
@@ -117,6 +123,7 @@ def run_loop(*, name: str, workdir: str, state: Any,
   fold_in = jax.jit(jax.random.fold_in)  # eager, it would dispatch op by op each step
   accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m))
   window, window_len = None, 0
+  first_bad = jnp.int32(-1)  # first bad step (1-based), kept on the device
   for step in range(start, num_steps):
     state, metrics = step_fn(state, batch_fn(step), fold_in(rng, step))
     # Logged metrics are means over the steps since the last record (summed
@@ -124,20 +131,18 @@ def run_loop(*, name: str, workdir: str, state: Any,
     window = metrics if window is None else accumulate(window, metrics)
     window_len += 1
     done = step + 1
-    if done % log_every == 0 or done == num_steps:
+    first_bad = _mark_bad(first_bad, metrics, done)
+    log_now = done % log_every == 0 or done == num_steps
+    save_now = (checkpoint_every and done % checkpoint_every == 0) or done == num_steps
+    if log_now or save_now:
+      _raise_if_bad(int(first_bad), metrics, name, last_saved, job_dir, hint)
+    if log_now:
       record = {k: float(v) / window_len for k, v in jax.device_get(window).items()}
       window, window_len = None, 0
       now = time.perf_counter()
       record.update(step=done, steps_per_s=(done - s_last) / max(now - t_last, 1e-9),
                     elapsed_s=now - t_start)
       t_last, s_last = now, done
-      if "loss" in record and not np.isfinite(record["loss"]):
-        raise DistillError(
-            f"[{name}] loss became {record['loss']} at step {done}; last checkpoint "
-            f"at step {last_saved} in {job_dir}; lower the learning rate or raise "
-            f"the regularisation")
-      if check_fn is not None:
-        check_fn(done, record)
       history.append(record)
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -147,10 +152,32 @@ def run_loop(*, name: str, workdir: str, state: Any,
                           if k not in ("step", "steps_per_s", "elapsed_s"))
         print(f"[{name}] step {done}/{num_steps}  {shown}  "
               f"{record['steps_per_s']:.2f} steps/s  ETA {_format_time(eta)}", flush=True)
-    if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps:
+    if save_now:
       ckpt.save(done, state)
       last_saved = done
   return state, history
+
+
+@jax.jit
+def _mark_bad(first_bad: jax.Array, metrics: dict, step: int) -> jax.Array:
+  """`step` if it is the first whose loss is not finite or whose solve failed."""
+  bad = jnp.zeros((), bool)
+  if "loss" in metrics:
+    bad |= ~jnp.isfinite(metrics["loss"])
+  if "solve_ok" in metrics:
+    bad |= ~(metrics["solve_ok"] >= 1)
+  return jnp.where((first_bad < 0) & bad, jnp.int32(step), first_bad)
+
+
+def _raise_if_bad(first_bad: int, metrics: dict, name: str, last_saved: int,
+                  job_dir: str, hint: str) -> None:
+  if first_bad < 0:
+    return
+  solve = "solve_ok" in metrics
+  raise DistillError(
+      f"[{name}] step {first_bad} went bad (loss not finite"
+      f"{' or ridge solve failed even with jitter' if solve else ''}); nothing after it was "
+      f"saved: the last checkpoint is step {last_saved} in {job_dir}; {hint}")
 
 
 def _read_history(path: str, upto: int) -> list[dict]:

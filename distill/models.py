@@ -7,7 +7,7 @@ probes read), `outputs` the linear head (`num_outputs` wide) or `None` when
 
 Normalisation layers:
   * "instance" (default of the ConvNet, as in the distillation literature):
-    per-sample, per-channel; no state, so pool models stay pure pytrees.
+    per-sample, per-channel; no state.
   * "batch": flax BatchNorm with running statistics in the `batch_stats`
     collection (the ResNets' default); `apply_model` threads it.
   * "layer", "none".
@@ -48,17 +48,27 @@ def _norm_layer(norm: str, train: bool) -> Callable[[jax.Array], jax.Array]:
 class ConvNet(nn.Module):
   """conv3x3 - norm - relu - avgpool2x2 blocks, then flatten.
 
-  With width 128 and depth 3 at 32x32 the features are 4*4*128 = 2048 wide.
+  Block b has `widths[b]` channels, or `width` channels in each of `depth`
+  blocks when `widths` is empty. With width 128 and depth 3 at 32x32 the
+  features are 4*4*128 = 2048 wide; the paper's KRR-ST pool net
+  (convnet_128_256_512_bn) is widths=(128, 256, 512), norm "batch":
+  4*4*512 = 8192 features at 32x32.
+
+  Input (B, H, W, C); features (B, (H/2^D) * (W/2^D) * widths[-1]) with D
+  blocks; outputs (B, num_outputs) or None.
   """
   width: int = 128
   depth: int = 3
   norm: str = "instance"
   num_outputs: int = 0
+  # Last, so positional construction is unchanged; the layers keep their
+  # auto-names (Conv_0, ...), so existing checkpoints still load.
+  widths: tuple = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
-    for _ in range(self.depth):
-      x = nn.Conv(self.width, (3, 3), padding="SAME")(x)
+    for channels in self.widths or (self.width,) * self.depth:
+      x = nn.Conv(channels, (3, 3), padding="SAME")(x)
       x = _norm_layer(self.norm, train)(x)
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -114,16 +124,23 @@ def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) ->
   """Builds a model from an architecture config.
 
   Args:
-    arch: mapping with `name` in ARCHS, `width`, `norm` and (ConvNet) `depth`.
-      A `norm` of "default" picks instance for the ConvNet, batch for ResNets.
+    arch: mapping with `name` in ARCHS, `width`, `norm` and (ConvNet) `depth`
+      and `widths` (per-block channels, a tuple or list; when non-empty it
+      replaces `width` and `depth`). A `norm` of "default" picks instance for
+      the ConvNet, batch for ResNets.
     num_outputs: width of the linear head; 0 for features only.
   """
   name = arch["name"]
   norm = arch.get("norm", "default")
   if name == "convnet":
-    return ConvNet(width=arch["width"], depth=arch.get("depth", 3),
+    # A tuple of ints, and width/depth made to agree with it: flax modules
+    # hash by their fields (jit caches key on them), so one net is one module.
+    widths = tuple(int(w) for w in (arch.get("widths", ()) or ()))
+    width, depth = (widths[-1], len(widths)) if widths else (arch["width"],
+                                                             arch.get("depth", 3))
+    return ConvNet(width=width, depth=depth,
                    norm="instance" if norm == "default" else norm,
-                   num_outputs=num_outputs)
+                   num_outputs=num_outputs, widths=widths)
   if name in ("resnet10", "resnet18"):
     stages = (1, 1, 1, 1) if name == "resnet10" else (2, 2, 2, 2)
     return ResNet(stage_sizes=stages, width=arch["width"],

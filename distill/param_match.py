@@ -212,6 +212,11 @@ class ParamMatch:
       objective: the experts' objective, "ce" or "mse".
     """
     check_config(cfg)
+    if cfg.augment and objective == "mse":
+      raise DistillError("param_match.augment=True with 'mse' experts: the learned teacher-"
+                         "space targets belong to the un-augmented images, so cropping or "
+                         "flipping the student's inputs would regress them onto other views; "
+                         "set param_match.augment=False")
     if cfg.alpha_init <= 0:
       raise DistillError("ParamMatch needs a positive param_match.alpha_init (run_param_match "
                          "replaces 0 by the experts' learning rate)")
@@ -398,7 +403,7 @@ def run_param_match(config, workdir: str) -> export.SyntheticSet:
     y0, teacher_name = initial_soft_labels(labels, num_outputs), "source_labels"
   else:
     init_idx, labels = np.sort(rng.choice(num_source, n, replace=False)), None
-    teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
+    teacher = teacher_lib.workdir_teacher(config, workdir)
     if teacher.dim != num_outputs:
       raise DistillError(f"teacher width {teacher.dim} differs from the experts' outputs "
                          f"{num_outputs}")

@@ -199,7 +199,7 @@ def probe_backbone(config, model, variables, image_shape, mean, std, seed: int =
   features = lambda x: extract_features(model, variables, x)
   return transfer.linear_probe(features(x_train), y_train, features(x_test), y_test,
                                regs=tuple(config.probe.regs),
-                               val_fraction=config.probe.val_fraction, seed=seed)
+                               folds=config.probe.folds, seed=seed)
 
 
 def set_path(workdir: str, row: str, n: int, config) -> str:
@@ -228,7 +228,7 @@ def run_krr_st(config, workdir: str, n: int | None = None,
   out_path = set_path(workdir, row, n, config)
   if os.path.exists(out_path):
     return export.load_synthetic(out_path)
-  teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
+  teacher = teacher_lib.workdir_teacher(config, workdir)
   source = load_source(config)
   num_source = len(source.images)
   if n > num_source:
@@ -250,7 +250,8 @@ def run_krr_st(config, workdir: str, n: int | None = None,
     y0 = teacher.features(x0)
     target_dim, target_model = teacher.dim, teacher.model
   image_shape = source.images.shape[1:]
-  method = KRRST(cfg, image_shape, target_dim, target_model, teacher.mean, teacher.std)
+  method = KRRST(cfg, image_shape, target_dim, target_model, teacher.mean, teacher.std,
+                 representation=teacher.representation)
   resuming = Checkpointer(os.path.join(workdir, name, "ckpt")).latest_step() is not None
   # On resume the pool's warm-up training is wasted work: the checkpoint replaces it.
   state = method.init(jax.random.key(config.seed), x0, y0, warm_up=not resuming)
@@ -263,16 +264,12 @@ def run_krr_st(config, workdir: str, n: int | None = None,
     idx = batch_indices(config.seed, i, num_source, batch_size)
     return (images[idx], labels[idx]) if supervised else images[idx]
 
-  def check(step, record):
-    if record["solve_ok"] < 1:
-      raise DistillError(f"[{name}] ridge solve failed at step {step} even with jitter "
-                         f"{record['jitter']:.3g}: raise distill.reg (now {cfg.reg})")
-
   state, history = run_loop(
       name=name, workdir=workdir, state=state,
       step_fn=lambda s, b, r: method.step(s, b, r, teacher.variables),
       batch_fn=batch_fn, num_steps=cfg.steps, rng=jax.random.key(config.seed + 2),
-      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, check_fn=check)
+      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+      hint=f"raise distill.reg (now {cfg.reg}) or lower the outer learning rates")
   synthetic = export.SyntheticSet(
       images=np.asarray(state["synthetic"]["images"]),
       targets=np.asarray(state["synthetic"]["targets"]),

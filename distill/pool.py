@@ -1,17 +1,27 @@
 """The model pool of KRR-ST: M feature extractors of staggered ages.
 
-All M models share one architecture, so their parameters and inner
-optimiser states are stacked along a leading axis of size M and the pool is
-a plain pytree:
+All M models share one architecture, so their parameters, BatchNorm running
+statistics and inner optimiser states are stacked along a leading axis of
+size M and the pool is a plain pytree:
 
-    pool = {"params": <params with leading M>, "opt_state": <same>,
-            "ages": (M,) int32}
+    pool = {"params": <params with leading M>,
+            "batch_stats": <running statistics with leading M, or {}>,
+            "opt_state": <same as params>, "ages": (M,) int32}
+
+`batch_stats` is an empty dict for models without BatchNorm (instance,
+layer or no norm), so those pools are the same code path.
 
 Each time a model is used by an outer step it takes one full-batch step of
-MSE regression of its head onto the current synthetic set (f(X_s) -> Y_s).
-When its age reaches `max_age` it is re-initialised AND its age is reset to
-0 (the reference implementation forgot the reset, so after about
-M * max_age steps every draw would hit a model re-initialised at every use).
+MSE regression of its head onto the current synthetic set (f(X_s) -> Y_s),
+in TRAIN mode: BatchNorm normalises with the synthetic batch's statistics
+and updates its running averages. The kernel features f(.) of the outer
+loss run in EVAL mode (running averages, state unchanged), so the features
+of a synthetic image do not depend on the rest of its batch and the real and
+synthetic images go through the same function. When a model's age reaches
+`max_age` it is re-initialised (parameters, running statistics, optimiser
+state) AND its age is reset to 0 (the reference implementation forgot the
+reset, so after about M * max_age steps every draw would hit a model
+re-initialised at every use).
 """
 
 from __future__ import annotations
@@ -26,50 +36,74 @@ import numpy as np
 import optax
 
 from distill.errors import DistillError
+from distill.models import apply_model
 
 
 class PoolFns(NamedTuple):
-  """Pure functions of one pool configuration (bind once, jit inside)."""
-  init_params: callable       # rng -> params of one model
-  features: callable          # (params, x (B,H,W,C)) -> (B, p)
-  inner_step: callable        # (params, opt_state, x, y) -> (params, opt_state, loss)
+  """Pure functions of one pool configuration (bind once, jit inside).
+
+  `batch_stats` below is one model's BatchNorm running statistics, `{}`
+  for a model without BatchNorm.
+  """
+  init: callable              # rng -> (params, batch_stats) of one fresh model
+  features: callable          # (params, batch_stats, x (B,H,W,C)) -> (B, p), eval mode
+  inner_step: callable        # (params, batch_stats, opt_state, x (n,H,W,C), y (n,d))
+                              #   -> (params, batch_stats, opt_state, loss)
   optimizer: optax.GradientTransformation
 
 
-def make_pool_fns(model: nn.Module, image_shape, lr: float, momentum: float) -> PoolFns:
+def _variables(params, batch_stats) -> dict:
+  # No "batch_stats" collection at all for stateless norms: flax then sees
+  # exactly the variables the model declares.
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def make_pool_fns(model: nn.Module, image_shape, lr: float, momentum: float,
+                  weight_decay: float = 0.0) -> PoolFns:
   """Builds the per-model functions for a head-carrying feature extractor.
 
   Args:
-    model: a models.py network with `num_outputs` = target width, and no
-      BatchNorm (pool models must be pure functions of their params).
+    model: a models.py network with `num_outputs` = target width d; any
+      norm (BatchNorm statistics are threaded explicitly).
     image_shape: (H, W, C).
-    lr, momentum: inner SGD settings.
+    lr, momentum: inner SGD settings (momentum 0 = plain SGD).
+    weight_decay: coupled L2 decay of the inner SGD (added to the gradient
+      before momentum, as torch.optim.SGD does; the paper uses 1e-3).
   """
-  if getattr(model, "norm", None) == "batch":
-    raise DistillError("pool models cannot use batch norm (set distill.pool.arch.norm "
-                       "to 'instance', 'layer' or 'none')")
-  optimizer = optax.sgd(lr, momentum=momentum or None)
+  optimizer = optax.chain(optax.add_decayed_weights(weight_decay),
+                          optax.sgd(lr, momentum=momentum or None))
 
-  def init_params(rng):
-    return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return variables["params"], dict(variables.get("batch_stats", {}))
 
-  def features(params, x):
-    return model.apply({"params": params}, x)[0]
+  def features(params, batch_stats, x):
+    # Eval mode: running averages, nothing mutable, so the state is unchanged.
+    return model.apply(_variables(params, batch_stats), x, train=False)[0]
 
-  def inner_step(params, opt_state, x, y):
+  def inner_step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      out = model.apply({"params": p}, x)[1]
-      return jnp.mean((out - y) ** 2)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+      (_, out), variables = apply_model(model, _variables(p, batch_stats), x, train=True)
+      return jnp.mean((out - y) ** 2), variables.get("batch_stats", {})
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-  return PoolFns(init_params, features, inner_step, optimizer)
+  return PoolFns(init, features, inner_step, optimizer)
 
 
 def _fresh(fns: PoolFns, rng):
-  params = fns.init_params(rng)
-  return params, fns.optimizer.init(params)
+  """(params, batch_stats, opt_state) of one freshly initialised model."""
+  params, batch_stats = fns.init(rng)
+  return params, batch_stats, fns.optimizer.init(params)
+
+
+def _take(tree, m):
+  return jax.tree.map(lambda x: x[m], tree)
+
+
+def _put(stacked, m, one):
+  return jax.tree.map(lambda s, o: s.at[m].set(o), stacked, one)
 
 
 def init_pool(fns: PoolFns, rng: jax.Array, size: int, max_age: int, images, targets,
@@ -88,12 +122,13 @@ def init_pool(fns: PoolFns, rng: jax.Array, size: int, max_age: int, images, tar
       template (e.g. to restore a checkpoint into).
 
   Returns:
-    The pool pytree.
+    The pool pytree {"params", "batch_stats", "opt_state", "ages" (M,) int32}
+    (see the module docstring), every leaf with a leading axis M.
   """
   k_init, k_age = jax.random.split(rng)
   # Jitted: op-by-op (eager) initialisation compiles every primitive separately.
   fresh = jax.jit(jax.vmap(lambda k: _fresh(fns, k)))
-  params, opt_state = fresh(jax.random.split(k_init, size))
+  params, batch_stats, opt_state = fresh(jax.random.split(k_init, size))
   if init_age == "uniform":
     ages = jax.random.randint(k_age, (size,), 1, max_age + 1)
   elif init_age == "zero":
@@ -101,57 +136,79 @@ def init_pool(fns: PoolFns, rng: jax.Array, size: int, max_age: int, images, tar
   else:
     raise DistillError(f"unknown pool init_age {init_age!r}; expected 'uniform' or 'zero'")
   ages = ages.astype(jnp.int32)
+  pool = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state, "ages": ages}
   if warm_up:
-    params, opt_state = _train_to_ages(fns, params, opt_state, ages, images, targets)
-  return {"params": params, "opt_state": opt_state, "ages": ages}
+    pool = _train_to_ages(fns, pool, images, targets)
+  return pool
 
 
-def _train_to_ages(fns, params, opt_state, ages, images, targets):
-  """Trains model m of the stacked pool for ages[m] full-batch steps.
+def _train_to_ages(fns: PoolFns, pool: dict, images, targets) -> dict:
+  """Trains model m of the stacked pool for pool["ages"][m] full-batch steps.
 
+  Each step is the inner step (train mode: running statistics updated).
   One model at a time, a host loop over one jitted step: vmapping the
   models would turn their convolutions into grouped convolutions (slow on
   CPU) and step every model max(ages) times, and a `fori_loop` body runs
   several times slower than the same step called from the host on XLA:CPU.
+
+  Args:
+    fns: from `make_pool_fns`.
+    pool: the pool pytree (ages set, models fresh).
+    images: (n, H, W, C). targets: (n, d).
+
+  Returns:
+    The pool with every model trained; ages unchanged.
   """
   step = jax.jit(fns.inner_step)
-  take = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
-  put = lambda tree, m, one: jax.tree.map(lambda x, o: x.at[m].set(o), tree, one)
+  keys = ("params", "batch_stats", "opt_state")
   t0 = time.perf_counter()
-  for m, age in enumerate(np.asarray(ages).tolist()):
-    p, o = take(params, m), take(opt_state, m)
+  ages = np.asarray(pool["ages"]).tolist()
+  for m, age in enumerate(ages):
+    p, s, o = (_take(pool[k], m) for k in keys)
     for _ in range(age):
-      p, o, _ = step(p, o, images, targets)
-    params, opt_state = put(params, m, p), put(opt_state, m, o)
+      p, s, o, _ = step(p, s, o, images, targets)
+    pool = {**pool, **{k: _put(pool[k], m, v) for k, v in zip(keys, (p, s, o))}}
     print(f"[pool] warm-up: model {m + 1}/{len(ages)} trained to age {age} "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
-  return params, opt_state
+  return pool
 
 
 def pool_member(pool: dict, index: jax.Array):
-  """Parameters of model `index` (a traced scalar is fine: no recompilation)."""
-  return jax.tree.map(lambda x: x[index], pool["params"])
+  """Model `index` of the pool (a traced scalar is fine: no recompilation).
+
+  Returns:
+    (params, batch_stats) of that model, without the leading M axis;
+    batch_stats is {} for a model without BatchNorm.
+  """
+  return _take(pool["params"], index), _take(pool["batch_stats"], index)
 
 
 def advance(fns: PoolFns, pool: dict, index: jax.Array, images, targets, max_age: int,
             rng: jax.Array) -> tuple[dict, jax.Array]:
   """One inner step for model `index`, then the age bump and reset rule.
 
-  Jittable; `index` may be traced.
+  Jittable; `index` may be traced. Only model `index` changes: its params,
+  running statistics and optimiser state take the step, its age goes up by
+  one; if that age reaches `max_age`, all of them are replaced by a fresh
+  model from `rng` and the age is set to 0.
+
+  Args:
+    fns: from `make_pool_fns`. pool: the pool pytree.
+    index: () int, the model to step.
+    images: (n, H, W, C) synthetic images. targets: (n, d).
+    max_age: T_max (static). rng: key of the re-initialisation.
 
   Returns:
-    (new pool, inner loss of that step).
+    (new pool, inner loss of that step (a scalar, before any reset)).
   """
-  params = pool_member(pool, index)
-  opt_state = jax.tree.map(lambda x: x[index], pool["opt_state"])
-  params, opt_state, loss = fns.inner_step(params, opt_state, images, targets)
+  keys = ("params", "batch_stats", "opt_state")
+  params, batch_stats, opt_state = (_take(pool[k], index) for k in keys)
+  params, batch_stats, opt_state, loss = fns.inner_step(params, batch_stats, opt_state,
+                                                        images, targets)
   age = pool["ages"][index] + 1
   expired = age >= max_age
-  fresh_params, fresh_opt = _fresh(fns, rng)
   pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(expired, a, b), new, old)
-  params, opt_state = pick(fresh_params, params), pick(fresh_opt, opt_state)
+  stepped = pick(_fresh(fns, rng), (params, batch_stats, opt_state))
   age = jnp.where(expired, 0, age)
-  put = lambda stacked, one: jax.tree.map(lambda s, o: s.at[index].set(o), stacked, one)
-  return {"params": put(pool["params"], params),
-          "opt_state": put(pool["opt_state"], opt_state),
+  return {**{k: _put(pool[k], index, v) for k, v in zip(keys, stepped)},
           "ages": pool["ages"].at[index].set(age)}, loss

@@ -228,7 +228,7 @@ def run_prune_source(config, workdir: str) -> PruningResult:
   Needs `<workdir>/teacher` only when the groups are k-means clusters.
   """
   from distill import pipeline  # the stage helpers import most of the library
-  from distill.teacher import load_teacher
+  from distill.teacher import workdir_teacher
   cfg = config.selection.prune
   out_path = os.path.join(workdir, ARTEFACT)
   if os.path.exists(out_path):
@@ -241,7 +241,7 @@ def run_prune_source(config, workdir: str) -> PruningResult:
   x_source = data.normalize(source.images, mean, std)
 
   def teacher_features():
-    teacher = load_teacher(os.path.join(workdir, "teacher"))
+    teacher = workdir_teacher(config, workdir)
     return teacher.features(data.normalize(source.images, teacher.mean, teacher.std))
 
   groups, num_groups = source_groups(source.labels, teacher_features, cfg.groups,

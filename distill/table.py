@@ -22,6 +22,7 @@ import os
 import time
 from typing import NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -30,7 +31,7 @@ from distill.errors import DistillError
 from distill.loop import log
 from distill.models import ARCHS, extract_features
 
-READOUTS = ("linear_probe", "finetune")
+READOUTS = (*transfer.PROBE_FRACTIONS, "finetune")
 
 
 class Job(NamedTuple):
@@ -45,6 +46,8 @@ class Job(NamedTuple):
 def parse_arch(spec: str, base: ml_collections.ConfigDict) -> tuple[str, dict]:
   """"resnet10:32" -> ("resnet10-w32", arch dict); depth/norm from `base` for a ConvNet."""
   name, _, width = spec.partition(":")
+  # A ConvNet without an explicit width keeps the base's per-block widths.
+  keep_widths = name == "convnet" == base.name and not width
   if name not in ARCHS:
     raise DistillError(f"eval.archs entry {spec!r}: unknown architecture {name!r}; "
                        f"expected one of {ARCHS}")
@@ -52,13 +55,16 @@ def parse_arch(spec: str, base: ml_collections.ConfigDict) -> tuple[str, dict]:
     width = int(width) if width else int(base.width)
   except ValueError:
     raise DistillError(f"eval.archs entry {spec!r}: width {width!r} is not an integer") from None
+  same = name == base.name
   arch = dict(name=name, width=width, depth=base.depth if name == "convnet" else 0,
-              norm=base.norm if name == base.name else "default")
+              norm=base.norm if same else "default",
+              widths=tuple(base.get("widths", ())) if keep_widths else ())
   return arch_label(arch), arch
 
 
 def arch_label(arch) -> str:
-  return f"{arch['name']}-w{arch['width']}"
+  widths = tuple(arch.get("widths", ()) or ())
+  return f"{arch['name']}-w{'-'.join(map(str, widths)) if widths else arch['width']}"
 
 
 def target_label(dataset: str) -> str:
@@ -96,10 +102,12 @@ def plan(config) -> list[Job]:
   return jobs
 
 
-def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict):
+def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict, teacher_fn):
   """(model, variables, set seconds, pretraining seconds) of a row.
 
-  The backbone is pretrained on the row's set, fresh (`none`) or the teacher.
+  The backbone is pretrained on the row's set with its recipe (sets.RECIPES;
+  `teacher_fn` recomputes real images' targets per view when pretraining
+  augments), fresh (`none`) or the teacher.
   Set seconds come from the set's artefact (the time it took to build);
   pretraining seconds time this call's pretraining only. `cache` keeps the
   full source's images and teacher targets across seeds and architectures.
@@ -132,22 +140,25 @@ def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict)
     set_seconds = float(s.extra.get("seconds", 0.0)) + float(s.extra.get("expert_seconds", 0.0))
     images, targets = s.images, s.targets
   name = f"pretrain_{row}_n{n}_{arch_label(arch)}_seed{seed}"
+  kind, loss = sets.RECIPES[row]
   t0 = time.perf_counter()
   model, variables = transfer.pretrain(pre, images, targets, seed,
-                                       os.path.join(workdir, "table"), name, quiet=True)
+                                       os.path.join(workdir, "table"), name, kind=kind,
+                                       loss=loss, teacher_fn=teacher_fn, quiet=True)
   return model, variables, set_seconds, time.perf_counter() - t0
 
 
 def run_table(config, workdir: str) -> dict:
   """Fills `<workdir>/table.json` and writes the table files."""
   jobs = plan(config)
-  teacher = teacher_lib.load_teacher(os.path.join(workdir, "teacher"))
+  teacher = teacher_lib.workdir_teacher(config, workdir)
   source = pipeline.load_source(config)
   image_shape = source.images.shape[1:]
   path = os.path.join(workdir, "table.json")
   results = files.read_json(path, {"runs": []})
   done = {_key(r) for r in results["runs"]}
   targets, cache = {}, {}
+  teacher_fn = jax.jit(lambda x: teacher.represent(teacher.variables, x))
   for job in jobs:
     for seed in config.eval.seeds:
       for arch_lbl, arch in job.archs:
@@ -159,17 +170,21 @@ def run_table(config, workdir: str) -> dict:
           if not todo:
             continue
           model, variables, set_s, pretrain_s = _backbone(row, job.n, arch, seed, config,
-                                                          workdir, source, teacher, cache)
+                                                          workdir, source, teacher, cache,
+                                                          teacher_fn)
+          features = {}  # frozen features per target, shared by the probe read-outs
           for (t_lbl, spec), readout in todo:
             if t_lbl not in targets:
               targets[t_lbl] = pipeline.load_target(config, image_shape, teacher.mean,
                                                       teacher.std, spec)
             t1 = time.perf_counter()
-            acc = _readout(readout, config, model, variables, targets[t_lbl], seed,
-                           workdir, f"{row}_n{job.n}_{arch_lbl}_{t_lbl}_seed{seed}")
+            out = _readout(readout, config, model, variables, targets[t_lbl], seed,
+                           workdir, f"{row}_n{job.n}_{arch_lbl}_{t_lbl}_seed{seed}",
+                           features.setdefault(t_lbl, {}))
+            acc = out.pop("accuracy")
             run = dict(row=row, arch=arch_lbl, target=t_lbl, readout=readout, n=job.n,
                        seed=seed, accuracy=acc, set_seconds=set_s, pretrain_seconds=pretrain_s,
-                       readout_seconds=time.perf_counter() - t1)
+                       readout_seconds=time.perf_counter() - t1, detail=out)
             log(f"[table] n={job.n} {row:8s} {arch_lbl:12s} {t_lbl:18s} {readout:12s} "
                 f"seed {seed}: {100 * acc:.2f}%")
             results = add_runs(path, [run])
@@ -206,19 +221,33 @@ def add_runs(path: str, runs: list[dict], info: dict | None = None) -> dict:
   return results
 
 
-def _readout(readout, config, model, variables, target, seed, workdir, name) -> float:
+def _readout(readout, config, model, variables, target, seed, workdir, name,
+             features: dict) -> dict:
+  """One read-out of a backbone on a target.
+
+  Args:
+    features: a dict kept across the read-outs of one backbone and target:
+      the frozen train/test features, extracted at the first probe.
+
+  Returns:
+    {"accuracy": top-1, ...what the read-out reports besides (chosen reg,
+    spread over label draws, fine-tuning steps)}.
+  """
   x_train, y_train, x_test, y_test = target
-  if readout == "linear_probe":
-    features = lambda x: extract_features(model, variables, x)
-    return transfer.linear_probe(features(x_train), y_train, features(x_test), y_test,
-                                 regs=tuple(config.probe.regs),
-                                 val_fraction=config.probe.val_fraction, seed=seed)["accuracy"]
+  if readout in transfer.PROBE_FRACTIONS:
+    if not features:
+      features.update(train=extract_features(model, variables, x_train),
+                      test=extract_features(model, variables, x_test))
+    p = config.probe
+    return transfer.probe_readout(readout, features["train"], y_train, features["test"], y_test,
+                                  regs=tuple(p.regs), folds=p.folds, label_draws=p.label_draws,
+                                  seed=seed)
   cfg = config.finetune
   if cfg.num_train:
     keep = np.random.default_rng(seed).permutation(len(x_train))[:cfg.num_train]
     x_train, y_train = x_train[keep], y_train[keep]
   return transfer.finetune(cfg, arch_of(model), variables, x_train, y_train, x_test, y_test,
-                           seed, os.path.join(workdir, "table"), f"finetune_{name}")["accuracy"]
+                           seed, os.path.join(workdir, "table"), f"finetune_{name}")
 
 
 def arch_of(model) -> dict:
@@ -227,7 +256,8 @@ def arch_of(model) -> dict:
     name = "convnet"
   else:
     name = "resnet10" if tuple(model.stage_sizes) == (1, 1, 1, 1) else "resnet18"
-  return dict(name=name, width=model.width, depth=getattr(model, "depth", 0), norm=model.norm)
+  return dict(name=name, width=model.width, depth=getattr(model, "depth", 0), norm=model.norm,
+              widths=tuple(getattr(model, "widths", ())))
 
 
 def _key(r: dict) -> tuple:
@@ -265,17 +295,22 @@ def format_markdown(results: dict, config) -> str:
   order = {r: i for i, r in enumerate(sets.ROWS)}
   main = [s for s in summary if s["n"] == n_main]
   archs = list(dict.fromkeys(s["arch"] for s in main))
-  lines = [f"Source {config.data.source} (n = {n_main}); mean ± std top-1 (%) over seeds.", ""]
+  lines = [f"Source {config.data.source} (n = {n_main}); mean ± std top-1 (%) over seeds "
+           f"(their count), [difference to `none`].", ""]
   for target, readout in dict.fromkeys((s["target"], s["readout"]) for s in main):
     block = [s for s in main if s["target"] == target and s["readout"] == readout]
     lines += [f"### {target}, {readout.replace('_', ' ')}", "",
               "| row | " + " | ".join(archs) + " |", "|---" * (len(archs) + 1) + "|"]
+    floor = {s["arch"]: s["mean"] for s in block if s["row"] == "none"}
     for row in sorted(dict.fromkeys(s["row"] for s in block), key=order.get):
       cells = []
       for arch in archs:
         hit = [s for s in block if s["row"] == row and s["arch"] == arch]
+        # Each row against `none`, every pretrained network's starting point.
+        versus = (f" [{100 * (hit[0]['mean'] - floor[arch]):+.2f}]"
+                  if hit and row != "none" and arch in floor else "")
         cells.append(f"{100 * hit[0]['mean']:.2f} ± {100 * hit[0]['std']:.2f} "
-                     f"({hit[0]['seeds']})" if hit else "-")
+                     f"({hit[0]['seeds']}){versus}" if hit else "-")
       lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
   lines += ["### Cost (seconds, median over seeds)", "",

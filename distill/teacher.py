@@ -13,6 +13,7 @@ accuracy).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple, Sequence
@@ -27,7 +28,7 @@ import optax
 
 from distill import augment, files
 from distill.errors import DistillError
-from distill.models import build_model, extract_features, gradient_step, init_model
+from distill.models import build_model, gradient_step, init_model
 
 
 class _BatchStandardize(nn.Module):
@@ -107,19 +108,52 @@ def init_state(model: BarlowTwins, optimizer, rng, image_shape) -> dict:
   return {"variables": variables, "opt_state": optimizer.init(variables["params"])}
 
 
+REPRESENTATIONS = ("features", "gap")
+
+
+def represent(model: nn.Module, variables: dict, x: jax.Array, kind: str) -> jax.Array:
+  """The teacher's representation of normalised images x (B, H, W, C) -> (B, d).
+
+  "features": the backbone features as they are; "gap": the last feature map
+  averaged over space. A ResNet's features are already pooled; a ConvNet's
+  are its flattened (h, w, c) map, so "gap" averages its h * w positions.
+  """
+  features = model.apply(variables, x, train=False)[0]
+  if kind == "features" or not hasattr(model, "depth"):
+    return features
+  if kind != "gap":
+    raise DistillError(f"unknown teacher.representation {kind!r}; expected one of "
+                       f"{REPRESENTATIONS}")
+  channels = (model.widths or (model.width,))[-1]
+  return features.reshape(features.shape[0], -1, channels).mean(1)
+
+
 class Teacher(NamedTuple):
-  """A trained teacher: `model.apply(variables, x)[0]` gives (B, dim) features."""
+  """A trained teacher: `model` is its backbone, `represent` its targets."""
   model: nn.Module
   variables: dict
   mean: np.ndarray         # (C,)
   std: np.ndarray          # (C,)
   image_shape: tuple
-  dim: int
+  dim: int                 # width d of the representation
   info: dict
+  representation: str = "features"
+
+  def represent(self, variables: dict, x: jax.Array) -> jax.Array:
+    """Jittable (B, H, W, C) normalised images -> (B, dim) target representations."""
+    return represent(self.model, variables, x, self.representation)
 
   def features(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """(N, H, W, C) normalised images -> (N, dim) float32 representations."""
-    return extract_features(self.model, self.variables, images, batch_size)
+    apply = _jitted_represent(self.model, self.representation)
+    chunks = [np.asarray(apply(self.variables, jnp.asarray(images[i:i + batch_size])))
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_represent(model: nn.Module, kind: str):
+  return jax.jit(lambda variables, x: represent(model, variables, x, kind))
 
 
 def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
@@ -134,12 +168,16 @@ def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
   files.write_atomic(os.path.join(directory, "teacher.json"), json.dumps(meta, indent=1).encode())
 
 
-def load_teacher(directory: str) -> Teacher:
+def load_teacher(directory: str, representation: str = "features") -> Teacher:
+  """The teacher saved in `directory`, handing on `representation` (REPRESENTATIONS)."""
   meta_path = os.path.join(directory, "teacher.json")
   vars_path = os.path.join(directory, "variables.msgpack")
   if not (os.path.isfile(meta_path) and os.path.isfile(vars_path)):
     raise DistillError(f"no trained teacher in {directory} (expected teacher.json and "
                        f"variables.msgpack; run `distill teacher` first)")
+  if representation not in REPRESENTATIONS:
+    raise DistillError(f"unknown teacher.representation {representation!r}; expected one of "
+                       f"{REPRESENTATIONS}")
   try:
     with open(meta_path) as f:
       meta = json.load(f)
@@ -149,10 +187,16 @@ def load_teacher(directory: str) -> Teacher:
     raise DistillError(f"teacher files in {directory} are unreadable: {e}") from e
   model = build_model(meta["arch"])
   image_shape = tuple(meta["image_shape"])
-  dim = int(model.apply(variables, jnp.zeros((1, *image_shape)))[0].shape[-1])
+  dim = int(represent(model, variables, jnp.zeros((1, *image_shape)), representation).shape[-1])
   return Teacher(model, variables, np.asarray(meta["mean"], np.float32),
-                 np.asarray(meta["std"], np.float32), image_shape, dim, meta["info"])
+                 np.asarray(meta["std"], np.float32), image_shape, dim, meta["info"],
+                 representation)
 
 
 def build_barlow_twins(cfg: ml_collections.ConfigDict) -> BarlowTwins:
   return BarlowTwins(backbone=build_model(cfg.arch), projector=tuple(cfg.projector))
+
+
+def workdir_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
+  """The workdir's teacher, handing on the representation the config names."""
+  return load_teacher(os.path.join(workdir, "teacher"), config.teacher.representation)

@@ -1,15 +1,22 @@
 """Transfer protocol: pretrain on a (synthetic) set, then read out on a target.
 
-Pretraining regresses a fresh network's head onto the set's target
-representations by MSE (SGD with momentum, weight decay, cosine schedule,
-crop + flip), then drops the head. Two read-outs on a labelled target:
+Pretraining fits a fresh network with a linear head to the set's targets
+(SGD with momentum and weight decay): MSE for teacher-space targets and
+learned labels, cross-entropy for soft labels. Inputs and targets always
+belong to the same view: a set's stored targets are those of its stored
+images, so augmentation is used only where the targets can follow the view
+(label targets, or real images whose targets the teacher recomputes on each
+view). Then the head is dropped. Read-outs on a labelled target:
 
 * `linear_probe`: a ridge classifier on the frozen features of the target's
   training split (the project's one ridge solver, `kernels.ridge.ridge_fit`),
-  regularisation picked on a held-out part of it; top-1 on the test split.
+  regularisation chosen by k-fold cross-validation; top-1 on the test split.
+* `linear_probe_5pct`, `linear_probe_1pct`: the same on a class-stratified
+  5% / 1% of the training labels, averaged over several draws (the
+  low-label protocol of MKDT, ICLR 2025).
 * `finetune`: a new linear head on the pretrained backbone, all layers
   trained by cross-entropy (SGD + momentum, weight decay, cosine schedule,
-  crop + flip); top-1 on the test split.
+  crop + flip) for a stated number of steps; top-1 on the test split.
 """
 
 from __future__ import annotations
@@ -26,36 +33,67 @@ from distill import augment, infobatch
 from distill.errors import DistillError
 from distill.loop import batch_indices, run_loop
 from distill.models import apply_model, build_model, gradient_step, init_model
-from kernels.ridge import ridge_fit, with_bias
+from kernels.ridge import ridge_fit, ridge_path, with_bias
+
+
+TARGET_KINDS = ("teacher", "learned", "labels")
 
 
 def pretrain_steps(cfg: ml_collections.ConfigDict, n: int) -> int:
   return cfg.epochs * max(n // min(cfg.batch_size, n), 1)
 
 
-def make_pretrain_step(model, optimizer, augment_images: bool):
-  """Jitted `(state, (images, targets), rng) -> (state, metrics)`: MSE to targets."""
+def make_pretrain_step(model, optimizer, augment_images: bool, loss: str,
+                       view_targets=None):
+  """Jitted `(state, (images, targets), rng) -> (state, metrics)`.
+
+  Args:
+    model, optimizer: the network (with a head) and its optax optimizer.
+    augment_images: crop + flip the inputs.
+    loss: "mse" to the targets, or "ce" to soft-label targets (probabilities).
+    view_targets: None (the batch's targets are used as they are), or a
+      jittable `x (B,H,W,C) -> (B,d)` that recomputes them on the
+      (augmented) inputs, e.g. the teacher.
+  """
+  if loss not in ("mse", "ce"):
+    raise DistillError(f"unknown pretraining loss {loss!r}; expected 'mse' or 'ce'")
+
   def step(state, batch, rng):
     images, targets = batch
     if augment_images:
       images = augment.random_crop_flip(rng, images)
+    if view_targets is not None:
+      targets = jax.lax.stop_gradient(view_targets(images))
 
-    return gradient_step(model, optimizer, state, images,
-                         lambda features, outputs: jnp.mean((outputs - targets) ** 2))
+    def objective(features, outputs):
+      if loss == "ce":
+        return optax.softmax_cross_entropy(outputs, targets).mean()
+      return jnp.mean((outputs - targets) ** 2)
+
+    return gradient_step(model, optimizer, state, images, objective)
 
   return jax.jit(step, donate_argnums=0)
 
 
 def pretrain(cfg: ml_collections.ConfigDict, images: np.ndarray, targets: np.ndarray,
-             seed: int, workdir: str, name: str, quiet: bool = False):
+             seed: int, workdir: str, name: str, *, kind: str = "teacher",
+             loss: str = "mse", teacher_fn=None, quiet: bool = False):
   """Pretrains a fresh `cfg.arch` network on (images, targets).
 
   Args:
     cfg: the `pretrain` config section.
     images: (n, H, W, C) float32 normalised images.
-    targets: (n, d) float32 target representations.
+    targets: (n, d) float32 targets of those images.
     seed: initialisation and shuffling seed.
     workdir, name: checkpoints go to `workdir/name` (resumable).
+    kind: what the targets are. "teacher": the teacher's representations of
+      real images (with `cfg.augment`, `teacher_fn` recomputes them on each
+      view); "learned": learned teacher-space targets (no teacher can
+      recompute them, so never augmented); "labels": (learned) labels,
+      the same for every view.
+    loss: "mse" or "ce" (targets are then probabilities).
+    teacher_fn: jittable `x (B,H,W,C) -> (B,d)`, the teacher's representation;
+      needed for kind "teacher" with augmentation.
 
   Returns:
     (backbone model without head, its variables).
@@ -63,14 +101,32 @@ def pretrain(cfg: ml_collections.ConfigDict, images: np.ndarray, targets: np.nda
   n, d = targets.shape
   if len(images) != n:
     raise DistillError(f"pretraining set has {len(images)} images but {n} targets")
+  if kind not in TARGET_KINDS:
+    raise DistillError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+  augment_images = bool(cfg.augment) and kind != "learned"
+  if augment_images and kind == "teacher" and teacher_fn is None:
+    raise DistillError("pretraining with augmentation on teacher targets needs the teacher "
+                       "to recompute them on each view (teacher_fn)")
+  view_targets = teacher_fn if augment_images and kind == "teacher" else None
+  if loss == "mse" and kind != "labels" and cfg.get("standardize_targets", False):
+    # One affine map of the targets (per-dimension centre, one overall
+    # scale): the head absorbs it, and the regression no longer spends its
+    # effort on the targets' large common mean.
+    centre = targets.mean(0)
+    scale = float(np.sqrt(np.mean((targets - centre) ** 2))) + 1e-8
+    targets = (targets - centre) / scale
+    if view_targets is not None:
+      teacher_view = view_targets
+      view_targets = lambda x: (teacher_view(x) - centre) / scale
   model = build_model(cfg.arch, num_outputs=d)
   num_steps = pretrain_steps(cfg, n)
-  optimizer, step = _train_fns(make_pretrain_step, model, cfg.lr, cfg.momentum,
-                               cfg.weight_decay, num_steps, cfg.augment)
+  schedule = (cfg.get("schedule", "cosine"), cfg.lr, num_steps)
+  optimizer, step = _train_fns(make_pretrain_step, model, schedule, cfg.momentum,
+                               cfg.weight_decay, augment_images, loss, view_targets)
   variables = init_model(model, jax.random.key(seed), images.shape[1:])
   state = {"variables": variables, "opt_state": optimizer.init(variables["params"])}
   batch_size = min(cfg.batch_size, n)
-  images_j, targets_j = jnp.asarray(images), jnp.asarray(targets)
+  images_j, targets_j = jnp.asarray(images), jnp.asarray(targets, jnp.float32)
 
   def batch_fn(i):
     idx = jnp.asarray(batch_indices(seed, i, n, batch_size))
@@ -90,46 +146,100 @@ def fresh_backbone(cfg: ml_collections.ConfigDict, image_shape, seed: int):
   return model, init_model(model, jax.random.key(seed), image_shape)
 
 
+PROBE_FRACTIONS = {"linear_probe": 1.0, "linear_probe_5pct": 0.05, "linear_probe_1pct": 0.01}
+
+
 def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
                  test_features: np.ndarray, test_labels: np.ndarray,
-                 regs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), val_fraction: float = 0.1,
+                 regs=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), folds: int = 5,
                  seed: int = 0) -> dict:
   """Ridge-classifier probe: top-1 accuracy on the test split.
 
-  Features are standardised with training statistics; labels become
-  one-hot targets; `reg` (trace_over_n convention) is chosen by accuracy on
-  a held-out `val_fraction` of the training split, then refitted on all of it.
+  Features are centred with the training mean and divided by one overall
+  scale (root mean squared norm), never per dimension: per-dimension
+  standardisation would inflate near-dead dimensions to the size of the
+  informative ones. Labels become one-hot targets; `reg` (trace_over_n
+  convention, so comparable across feature widths and scales) is chosen by
+  `folds`-fold cross-validated accuracy on the training split, then the
+  classifier is refitted on all of it.
 
   Args:
     train_features: (N, p). train_labels: (N,) int.
     test_features: (M, p). test_labels: (M,) int.
+    regs: the grid, increasing; the choice should be interior (`interior`).
+    folds: cross-validation folds (at most N).
+    seed: fold assignment seed.
 
   Returns:
-    {"accuracy": float, "reg": chosen reg, "val_accuracy": float}.
+    {"accuracy", "reg" (chosen), "cv_accuracy" (its cross-validated
+    accuracy), "interior" (True unless the chosen reg is an end of the grid)}.
   """
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
   mu = train_features.mean(0)
-  sigma = train_features.std(0) + 1e-6
-  prep = lambda f: with_bias(jnp.asarray((f - mu) / sigma))
+  scale = float(np.sqrt(np.mean(np.sum((train_features - mu) ** 2, axis=1)))) + 1e-12
+  prep = lambda f: with_bias(jnp.asarray((f - mu) / scale, jnp.float32))
   one_hot = lambda y: jax.nn.one_hot(y, num_classes)
-  perm = np.random.default_rng(seed).permutation(len(train_labels))
-  n_val = max(int(len(perm) * val_fraction), 1)
-  val, fit = perm[:n_val], perm[n_val:]
-  x_fit, x_val = prep(train_features[fit]), prep(train_features[val])
+  x_all, y_all = prep(train_features), np.asarray(train_labels)
 
   def accuracy(weights, x, y):
     return float(jnp.mean(jnp.argmax(x @ weights, -1) == jnp.asarray(y)))
 
-  scores = []
-  for reg in regs:
-    weights, info = ridge_fit(x_fit, one_hot(train_labels[fit]), reg)
-    scores.append(accuracy(weights, x_val, train_labels[val]) if bool(info.ok) else -1.0)
+  fold_of = np.random.default_rng(seed).permutation(len(y_all)) % max(min(folds, len(y_all)), 2)
+  scores = np.zeros(len(regs))
+  grid = jnp.asarray(regs, jnp.float32)
+  for k in np.unique(fold_of):
+    fit, val = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+    # One eigendecomposition per fold serves the whole grid.
+    weights = ridge_path(x_all[fit], one_hot(y_all[fit]), grid)          # (r, p+1, classes)
+    hits = jnp.argmax(jnp.einsum("vp,rpc->rvc", x_all[val], weights), -1) == y_all[val]
+    scores += np.asarray(jnp.sum(hits, -1)) / len(y_all)
   best = int(np.argmax(scores))
-  weights, info = ridge_fit(prep(train_features), one_hot(train_labels), regs[best])
+  weights, info = ridge_fit(x_all, one_hot(y_all), regs[best])
   if not bool(info.ok):
     raise DistillError("linear probe: ridge solve failed even with jitter; features degenerate")
   return {"accuracy": accuracy(weights, prep(test_features), test_labels),
-          "reg": float(regs[best]), "val_accuracy": scores[best]}
+          "reg": float(regs[best]), "cv_accuracy": float(scores[best]),
+          "interior": 0 < best < len(regs) - 1}
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of `fraction` of each class's samples (at least one each)."""
+  rng = np.random.default_rng(seed)
+  keep = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    keep.append(rng.choice(members, max(int(round(fraction * len(members))), 1), replace=False))
+  return np.sort(np.concatenate(keep))
+
+
+def probe_readout(readout: str, train_features: np.ndarray, train_labels: np.ndarray,
+                  test_features: np.ndarray, test_labels: np.ndarray, *, regs, folds: int,
+                  label_draws: int, seed: int) -> dict:
+  """A probe read-out of PROBE_FRACTIONS: all labels, or a low-label fraction.
+
+  Low-label probes are averaged over `label_draws` class-stratified draws of
+  the labelled subset (one draw's accuracy moves by points with which few
+  images it gets).
+
+  Returns:
+    `linear_probe`'s dict; for fractions below 1, "accuracy" is the mean
+    over draws, plus "accuracy_std", "draws" and "interior" (the share of
+    draws whose chosen reg was interior).
+  """
+  if readout not in PROBE_FRACTIONS:
+    raise DistillError(f"unknown probe read-out {readout!r}; expected one of "
+                       f"{tuple(PROBE_FRACTIONS)}")
+  fraction = PROBE_FRACTIONS[readout]
+  probe = lambda idx, s: linear_probe(train_features[idx], train_labels[idx], test_features,
+                                      test_labels, regs=regs, folds=folds, seed=s)
+  if fraction >= 1:
+    return probe(np.arange(len(train_labels)), seed)
+  runs = [probe(stratified_subset(train_labels, fraction, 10_000 * seed + draw), seed + draw)
+          for draw in range(label_draws)]
+  acc = np.array([r["accuracy"] for r in runs])
+  return {"accuracy": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if
+          len(acc) > 1 else 0.0, "draws": len(runs), "reg": [r["reg"] for r in runs],
+          "interior": float(np.mean([r["interior"] for r in runs]))}
 
 
 def with_new_head(backbone: dict, classifier_init: dict) -> dict:
@@ -212,6 +322,16 @@ def _infobatch_fns(model, lr: float, momentum: float, weight_decay: float, full_
   return optimizer, make_infobatch_finetune_step(model, optimizer, augment_images, lr_fn)
 
 
+def finetune_length(cfg: ml_collections.ConfigDict, n: int) -> tuple[int, int]:
+  """(optimiser steps, epochs) of fine-tuning on n images: `cfg.steps` when
+  set (epochs rounded up to cover them), else `cfg.epochs` full epochs."""
+  per_epoch = max(n // min(cfg.batch_size, n), 1)
+  steps = cfg.get("steps", 0)
+  if steps:
+    return steps, -(-steps // per_epoch)
+  return cfg.epochs * per_epoch, cfg.epochs
+
+
 def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.ndarray,
              y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int,
              workdir: str, name: str, quiet: bool = True) -> dict:
@@ -233,7 +353,7 @@ def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.n
   num_classes = int(max(y_train.max(), y_test.max())) + 1
   n = len(x_train)
   batch_size = min(cfg.batch_size, n)
-  num_steps = cfg.epochs * max(n // batch_size, 1)
+  num_steps, num_epochs = finetune_length(cfg, n)
   model = build_model(arch, num_outputs=num_classes)
   variables = with_new_head(backbone, init_model(model, jax.random.key(seed), x_train.shape[1:]))
   # A copy: the train step donates its state, and the caller keeps the backbone.
@@ -241,7 +361,8 @@ def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.n
   x_j, y_j = jnp.asarray(x_train), jnp.asarray(y_train, jnp.int32)
   ib = cfg.get("infobatch")
   if ib is not None and ib.prune_ratio > 0:
-    optimizer, step = _infobatch_fns(model, cfg.lr, cfg.momentum, cfg.weight_decay, num_steps,
+    optimizer, step = _infobatch_fns(model, cfg.lr, cfg.momentum, cfg.weight_decay,
+                                     infobatch.full_data_steps(n, batch_size, num_epochs),
                                      cfg.augment)
     state = {"variables": variables, "opt_state": optimizer.init(variables["params"]),
              "scores": infobatch.init_scores(n)}
@@ -249,13 +370,13 @@ def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.n
         name=name, workdir=workdir, state=state, step_fn=step,
         make_batch=lambda idx, w, progress, _: (x_j[idx], y_j[idx], jnp.asarray(idx),
                                                 jnp.asarray(w), jnp.float32(progress)),
-        num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
+        num_samples=n, batch_size=batch_size, num_epochs=num_epochs,
         prune_ratio=ib.prune_ratio, delta=ib.delta, seed=seed + 7, quiet=quiet)
-    report = infobatch.pruning_report(records, n, batch_size, cfg.epochs)
+    report = infobatch.pruning_report(records, n, batch_size, num_epochs)
     return {"accuracy": accuracy(model, state["variables"], x_test, y_test),
             "steps": report["steps"], "skipped_fraction": report["skipped_fraction"]}
-  optimizer, step = _train_fns(make_finetune_step, model, cfg.lr, cfg.momentum,
-                               cfg.weight_decay, num_steps, cfg.augment)
+  optimizer, step = _train_fns(make_finetune_step, model, ("cosine", cfg.lr, num_steps),
+                               cfg.momentum, cfg.weight_decay, cfg.augment)
   state = {"variables": variables, "opt_state": optimizer.init(variables["params"])}
 
   def batch_fn(i):
@@ -270,17 +391,29 @@ def finetune(cfg: ml_collections.ConfigDict, arch, backbone: dict, x_train: np.n
   return {"accuracy": accuracy(model, state["variables"], x_test, y_test), "steps": num_steps}
 
 
+def _schedule(kind: str, lr: float, num_steps: int):
+  if kind == "constant":
+    return lr
+  if kind == "cosine":
+    return optax.cosine_decay_schedule(lr, max(num_steps, 1))
+  raise DistillError(f"unknown learning-rate schedule {kind!r}; expected 'constant' or 'cosine'")
+
+
 @functools.lru_cache(maxsize=64)
-def _train_fns(make_step, model, lr: float, momentum: float, weight_decay: float,
-               num_steps: int, augment_images: bool):
-  """(optimizer, jitted step) of SGD + momentum + weight decay with a cosine schedule.
+def _train_fns(make_step, model, schedule: tuple, momentum: float, weight_decay: float,
+               *step_args):
+  """(optimizer, jitted step) of SGD + momentum + weight decay.
+
+  Args:
+    make_step: `(model, optimizer, *step_args) -> jitted step`.
+    schedule: (kind, lr, num_steps) of `_schedule`.
 
   Cached on its (hashable) settings: a results table runs the same
   architecture and schedule many times, and each new jitted function would
   compile again.
   """
-  optimizer = _sgd(optax.cosine_decay_schedule(lr, max(num_steps, 1)), momentum, weight_decay)
-  return optimizer, make_step(model, optimizer, augment_images)
+  optimizer = _sgd(_schedule(*schedule), momentum, weight_decay)
+  return optimizer, make_step(model, optimizer, *step_args)
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,7 +55,7 @@ def bench_size(n: int, width: int, batch: int, pool_size: int, form: str, repeat
     cfg.update(dict(num_synthetic=n, batch_size=batch, steps=1000, ridge_form=form,
                     reg=1e-6, reg_scaling="trace"))
     cfg.pool.update(dict(size=pool_size, max_age=10**6, init_age="zero"))
-    cfg.pool.arch.update(dict(width=width, depth=3))
+    cfg.pool.arch.update(dict(width=width, depth=3, widths=(), norm="instance"))
   shape = (image, image, 3)
   teacher = build_model(dict(name="convnet", width=width, depth=3))
   teacher_vars = init_model(teacher, jax.random.key(1), shape)

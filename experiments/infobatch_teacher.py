@@ -41,7 +41,7 @@ def probe(teacher, source: str, train_split: str, test_split: str, num_train: in
       data.match_format(ds.images, shape[0], shape[2]), teacher.mean, teacher.std))
   return transfer.linear_probe(features(train), train.labels, features(test), test.labels,
                                regs=tuple(config.probe.regs),
-                               val_fraction=config.probe.val_fraction)["accuracy"]
+                               folds=config.probe.folds)["accuracy"]
 
 
 def main() -> None:

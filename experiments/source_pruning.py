@@ -89,7 +89,7 @@ def main() -> None:
     features = lambda x: extract_features(model, variables, x)
     acc = transfer.linear_probe(features(x_train), target.labels, features(x_test), test.labels,
                                 regs=tuple(config.probe.regs),
-                                val_fraction=config.probe.val_fraction)["accuracy"]
+                                folds=config.probe.folds)["accuracy"]
     steps = EVAL_EPOCHS * (len(idx) // min(cfg.batch_size, len(idx)))
     done[key] = (label, len(idx), steps, acc, time.perf_counter() - t0)
     rows.append((label, kept, *done[key][1:]))

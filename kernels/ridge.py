@@ -19,6 +19,8 @@ Regularisation convention (`scaling`):
 trace(K_ss) = trace(Phi_s^T Phi_s) = ||Phi_s||_F^2, so both forms use the
 same lambda without building the n x n matrix.
 
+lambda is detached from the graph (no gradient flows through trace(K_ss)).
+
 Failure policy: the system matrix is factorised by Cholesky in float32. If
 the factor is not finite (matrix not numerically positive definite), the
 solve is retried with extra jitter `jitter * 10**k * trace/n`, k = 0..retries-1,
@@ -48,7 +50,13 @@ class SolveInfo(NamedTuple):
 
 def regularization(sq_frobenius: jax.Array, n: int, reg: float,
                    scaling: str) -> jax.Array:
-  """lambda from ||Phi_s||_F^2 = trace(K_ss) under the documented convention."""
+  """lambda from ||Phi_s||_F^2 = trace(K_ss) under the documented convention.
+
+  lambda carries no gradient (as in the reference code): it sets the
+  strength of the ridge, it is not a path through which the outer loss may
+  move the support features (e.g. by inflating their norm to soften the fit).
+  """
+  sq_frobenius = jax.lax.stop_gradient(sq_frobenius)
   if scaling == "trace_over_n":
     return reg * sq_frobenius / n
   if scaling == "trace":
@@ -163,6 +171,7 @@ def krr_predict_kernel(k_ss: jax.Array, k_ts: jax.Array, y_s: jax.Array, reg: fl
   return yhat, SolveInfo(ok=ok, lam=lam, jitter=extra)
 
 
+@functools.partial(jax.jit, static_argnames=("scaling", "jitter", "retries"))
 def ridge_fit(phi: jax.Array, y: jax.Array, reg: float,
               scaling: str = "trace_over_n", jitter: float = 1e-6,
               retries: int = 3):
@@ -184,6 +193,32 @@ def ridge_fit(phi: jax.Array, y: jax.Array, reg: float,
   factor, ok, extra = _cholesky_with_jitter(gram, lam, sq_fro / p, jitter, retries)
   weights = jax.scipy.linalg.cho_solve((factor, True), phi.T @ y)
   return weights, SolveInfo(ok=ok, lam=lam, jitter=extra)
+
+
+@functools.partial(jax.jit, static_argnames=("scaling",))
+def ridge_path(phi: jax.Array, y: jax.Array, regs: jax.Array,
+               scaling: str = "trace_over_n") -> jax.Array:
+  """Primal ridge weights for a whole grid of regs from one eigendecomposition.
+
+  phi^T phi = V diag(s) V^T gives W(lambda) = V diag(1 / (s + lambda)) V^T phi^T y
+  for every lambda at the cost of one p x p eigendecomposition, which is what
+  a cross-validated choice of reg needs. Same regularisation convention as
+  `ridge_fit`; no jitter fallback (eigenvalues are clipped at 0, so every
+  lambda > 0 gives finite weights). Use `ridge_fit` for the final fit.
+
+  Args:
+    phi: (n, p) features. y: (n, d) targets. regs: (r,) positive.
+
+  Returns:
+    (r, p, d) weights, one per reg.
+  """
+  n = phi.shape[0]
+  sq_fro = jnp.sum(phi * phi)
+  lams = regularization(sq_fro, n, jnp.asarray(regs, phi.dtype), scaling)
+  s, v = jnp.linalg.eigh(phi.T @ phi)
+  rotated = v.T @ (phi.T @ y)                                    # (p, d)
+  inverse = 1.0 / (jnp.maximum(s, 0.0)[None, :] + lams[:, None])  # (r, p)
+  return jnp.einsum("pk,rk,kd->rpd", v, inverse, rotated)
 
 
 def with_bias(phi: jax.Array) -> jax.Array:

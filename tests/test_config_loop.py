@@ -12,7 +12,7 @@ import pytest
 from distill import pipeline
 from distill.config import apply_overrides, base_config, load_config
 from distill.errors import DistillError
-from distill.loop import batch_indices, run_loop
+from distill.loop import Checkpointer, batch_indices, run_loop
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                           "fashion_mnist_quickstart.py")
@@ -91,10 +91,32 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
   def step(state, batch, rng):
     return state, {"loss": jnp.float32(np.nan)}
-  with pytest.raises(DistillError, match="loss became nan at step 1"):
+  with pytest.raises(DistillError, match="step 1 went bad"):
     run_loop(name="bad", workdir=str(tmp_path), state={"x": jnp.zeros(1)}, step_fn=step,
              batch_fn=lambda i: None, num_steps=3, rng=jax.random.key(0), log_every=1,
              quiet=True)
+
+
+@pytest.mark.parametrize("bad_metric", ["loss", "solve_ok"])
+def test_a_bad_step_between_log_points_is_never_checkpointed(tmp_path, bad_metric):
+  # Step 3 goes bad (NaN loss, or a failed solve) and the state turns NaN from
+  # there on; logs come every 10 steps and checkpoints every 2. The step-2
+  # checkpoint is the last one: the step-4 save must not happen.
+  @jax.jit
+  def step(state, batch, rng):
+    bad = batch == 3
+    x = jnp.where(bad | jnp.isnan(state["x"]), jnp.nan, state["x"] + 1.0)
+    metrics = {"loss": jnp.where(bad & (bad_metric == "loss"), jnp.nan, 1.0),
+               "solve_ok": jnp.where(bad & (bad_metric == "solve_ok"), 0.0, 1.0)}
+    return {"x": x}, metrics
+
+  with pytest.raises(DistillError, match="step 3 went bad.*last checkpoint is step 2"):
+    run_loop(name="bad", workdir=str(tmp_path), state={"x": jnp.zeros(())}, step_fn=step,
+             batch_fn=lambda i: i + 1, num_steps=20, rng=jax.random.key(0), log_every=10,
+             checkpoint_every=2, quiet=True)
+  ckpt = Checkpointer(str(tmp_path / "bad" / "ckpt"))
+  assert ckpt.latest_step() == 2
+  assert np.isfinite(ckpt.restore(2, {"x": jnp.zeros(())})["x"])
 
 
 def test_on_demand_sections_may_change_until_their_artefacts_exist(tmp_path):

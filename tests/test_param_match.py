@@ -314,6 +314,14 @@ def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys
   cfg = base_config().param_match
   with pytest.raises(DistillError, match="needs a positive param_match.alpha_init"):
     pm.ParamMatch(cfg, experts.expert_model(expert_run[1].meta["arch"], 3), "ce")
+  # Teacher-space targets belong to the un-augmented images: no crop + flip.
+  with cfg.unlocked():
+    cfg.update(dict(augment=True, alpha_init=0.1))
+  with pytest.raises(DistillError, match="augment=True with 'mse' experts"):
+    pm.ParamMatch(cfg, experts.expert_model(expert_run[1].meta["arch"], 3), "mse")
+  pm.ParamMatch(cfg, experts.expert_model(expert_run[1].meta["arch"], 3), "ce")  # labels may
+  with cfg.unlocked():
+    cfg.update(dict(augment=False, alpha_init=0.0))
   for key, value, message in (("method", "dc", "unknown param_match.method 'dc'"),
                               ("alpha_init", -1.0, "alpha_init=-1.0 must be positive"),
                               ("granularity", "layer", "unknown param_match.granularity"),

@@ -91,3 +91,36 @@ def test_unknown_scaling_is_an_error():
   phi_s, y_s, phi_t = _problem()
   with pytest.raises(ValueError, match="scaling"):
     ridge.krr_predict(phi_s, y_s, phi_t, 1e-2, scaling="per_sample")
+
+
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_lambda_carries_no_gradient(form):
+  """d pred / d phi_s equals the gradient with lambda frozen at its value."""
+  with jax.enable_x64(True):
+    phi_s, y_s, phi_t = (jnp.asarray(a, jnp.float64) for a in _problem(n=6, p=9))
+    reg = 0.1
+    lam = reg * float(jnp.sum(phi_s ** 2)) / len(phi_s)
+    scaled = lambda phi: ridge.krr_predict(phi, y_s, phi_t, reg, form=form)[0].sum()
+    frozen = lambda phi: ridge.krr_predict(phi, y_s, phi_t, lam, scaling="none",
+                                           form=form)[0].sum()
+    np.testing.assert_allclose(jax.grad(scaled)(phi_s), jax.grad(frozen)(phi_s), rtol=1e-9)
+    # ... and frozen lambda is a real difference: with lambda following the
+    # features the gradient would be another one.
+    def live(phi):
+      lam_live = reg * jnp.sum(phi ** 2) / len(phi)
+      gram = phi @ phi.T + lam_live * jnp.eye(len(phi))
+      return (phi_t @ phi.T @ jnp.linalg.solve(gram, y_s)).sum()
+    assert not np.allclose(jax.grad(live)(phi_s), jax.grad(frozen)(phi_s), rtol=1e-3)
+
+
+@pytest.mark.parametrize("scaling", ["trace_over_n", "none"])
+def test_ridge_path_matches_ridge_fit_at_every_reg(scaling):
+  r = np.random.default_rng(5)
+  phi = jnp.asarray(r.normal(size=(40, 12)), jnp.float32)
+  y = jnp.asarray(r.normal(size=(40, 3)), jnp.float32)
+  regs = (1e-3, 1e-1, 10.0)
+  path = ridge.ridge_path(phi, y, jnp.asarray(regs), scaling=scaling)
+  assert path.shape == (3, 12, 3)
+  for weights, reg in zip(path, regs):
+    np.testing.assert_allclose(weights, ridge.ridge_fit(phi, y, reg, scaling=scaling)[0],
+                               rtol=2e-3, atol=1e-5)

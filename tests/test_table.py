@@ -78,7 +78,7 @@ def test_table_writer_round_trips_and_summarises():
   runs = _runs()
   assert table.read_csv(table.format_csv({"runs": runs})) == runs
   summary = table.summarize(runs)
-  assert len(summary) == 2 * 2 * 2
+  assert len(summary) == 2 * 2 * len(table.READOUTS)
   for s in summary:
     acc = [r["accuracy"] for r in runs if (r["row"], r["target"], r["readout"])
            == (s["row"], s["target"], s["readout"])]
@@ -92,7 +92,7 @@ def test_table_figure_has_a_panel_per_target_and_readout(tmp_path):
   path = table.save_table_figure(str(tmp_path / "t.png"), summary, n=12)
   with Image.open(path) as png:
     width, height = png.size
-  assert width > 2 * height   # 2 targets x 2 read-outs -> 3 columns, 2 rows of panels
+  assert width > 2 * height   # 2 targets x 4 read-outs: panels in a wide grid
   assert table.save_table_figure(str(tmp_path / "none.png"), summary, n=99) is None
   assert not (tmp_path / "none.png").exists()
 
@@ -132,7 +132,7 @@ ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
 def _table_args(workdir, data, other, *extra):
   return smoke_args(
       "table", workdir, data, "--set", f"eval.rows={ROWS}",
-      "--set", "eval.readouts=('linear_probe','finetune')",
+      "--set", "eval.readouts=('linear_probe','linear_probe_1pct','finetune')",
       "--set", f"eval.extra_targets=('{other}',)", "--set", "eval.seeds=(0,)",
       "--set", "kip.steps=3", "--set", "kip.depth=1", "--set", "finetune.epochs=1",
       "--set", "eval.full_epochs=1", "--set", f"eval.results_path={workdir / 'out' / 'small'}",
@@ -158,7 +158,8 @@ def test_table_has_every_entry_and_output(small_table):
   workdir, _ = small_table
   runs = json.loads((workdir / "table.json").read_text())["runs"]
   assert {(r["row"], r["target"], r["readout"], r["seed"], r["n"]) for r in runs} == {
-      (row, t, ro, 0, 12) for row in ROWS for t in ("blobs", "other") for ro in table.READOUTS}
+      (row, t, ro, 0, 12) for row in ROWS for t in ("blobs", "other")
+      for ro in ("linear_probe", "linear_probe_1pct", "finetune")}
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
   markdown = (workdir / "out" / "small.md").read_text()
   for row in ROWS:
