@@ -196,7 +196,7 @@ def test_size_sweep_plan_and_plot(tmp_path):
                                f"eval.results_path={tmp_path / 'r'}"])
   jobs = table.plan(config)
   assert [(j.n, j.rows, j.readouts) for j in jobs] == [
-      (12, ("none", "krr_st"), ("linear_probe",)),
+      (12, ("none", "krr_st"), tuple(config.eval.readouts)),
       (6, ("random", "krr_st"), ("linear_probe",)),
       (24, ("random", "krr_st"), ("linear_probe",))]
   runs = [dict(row=row, arch="convnet-w8", target="t", readout="linear_probe", n=n, seed=s,

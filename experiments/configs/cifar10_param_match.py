@@ -21,7 +21,9 @@ expert epochs from start epochs 0..4, 60 outer steps. On a GPU raise
 experts.arch.width (128), experts.num_experts, experts.epochs, syn_steps,
 syn_batch and steps. The teacher section equals cifar10_krr_st.py's, so that
 run's teacher can be copied into the workdir.
-Recorded result (files and numbers): experiments/results/cifar10_param_match.md.
+No recorded transfer result under the current protocol (un-augmented
+pretraining, cross-validated probes); the step's memory and speed are in
+experiments/results/benchmark_param_match_cpu.md.
 """
 
 import os
