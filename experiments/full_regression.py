@@ -11,7 +11,7 @@ held-out error, never by the probe).
 
 Command (from the repository root; the teacher of the table's workdir):
   python experiments/full_regression.py --config experiments/configs/cifar10_table.py \
-      --workdir runs/cifar10_table --recipes noaug aug_views --epochs 10
+      --workdir runs/c10t30 --recipes noaug --epochs 30 --out runs/full_regression.jsonl
 
 Recipes (each a set of `pretrain` overrides; see RECIPES below).
 Recorded result: experiments/results/full_regression.md.
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = load_config(args.config, args.set)
-  teacher = teacher_lib.load_teacher(os.path.join(args.workdir, "teacher"))
+  teacher = teacher_lib.workdir_teacher(config, args.workdir)
   source = pipeline.load_source(config)
   everything = data.load_dataset(config.data.source, config.data.source_split,
                                  cache_dir=config.data.cache_dir or None)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
   x_src = data.normalize(source.images, teacher.mean, teacher.std)
   y_src = sets.source_features(source, teacher)
   target = pipeline.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
-  teacher_fn = jax.jit(lambda x: teacher.model.apply(teacher.variables, x, train=False)[0])
+  teacher_fn = jax.jit(lambda x: teacher.represent(teacher.variables, x))
 
   def probe(model, variables):
     f = lambda x: extract_features(model, variables, x)

@@ -29,7 +29,9 @@ def test_end_to_end_run_writes_every_artefact(smoke_run):
   teacher = json.loads((smoke_run / "teacher" / "teacher.json").read_text())
   assert 0.0 <= teacher["info"]["probe"]["accuracy"] <= 1.0
   results = json.loads((smoke_run / "table.json").read_text())
-  assert {r["row"] for r in results["runs"]} == {"none", "random", "krr_st"}
+  assert {(r["row"], r["readout"]) for r in results["runs"]} == {
+      (row, readout) for row in ("none", "random", "krr_st", "teacher")
+      for readout in ("linear_probe", "linear_probe_1pct")}
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
   assert "krr_st" in (smoke_run / "table.md").read_text()
   for picture in ("synthetic_grid.png", "krr_st/loss.png", "teacher/loss.png"):
