@@ -1,19 +1,19 @@
 r"""The results table at CPU scale: CIFAR-10 source, n = 100, label-free rows.
 
 Commands (from the repository root, with ../shared/data beside it and
-Debian's dataset-fashion-mnist installed):
-  distill teacher --config experiments/configs/cifar10_table.py --workdir runs/c10_table
-  distill table   --config experiments/configs/cifar10_table.py --workdir runs/c10_table
+Debian's dataset-fashion-mnist installed; ~2 h on 2 CPU cores):
+  distill teacher --config experiments/configs/cifar10_table.py --workdir runs/c10t30
+  distill table   --config experiments/configs/cifar10_table.py --workdir runs/c10t30
 
 Protocol (distill/transfer.py): a set pretrains a fresh width-32 ConvNet by
 MSE on its targets without augmentation (SGD lr 0.1 constant, momentum 0.9,
 wd 1e-3, batch 256, 1000 epochs; targets centred and scaled to unit overall
-std); `full` regresses the teacher on all 10k source images for 10 epochs
+std); `full` regresses the teacher on all 10k source images for 30 epochs
 (the recipe with the lowest held-out regression error among those measured
-by experiments/full_regression.py). Read-outs: ridge linear probes on
+by experiments/full_regression.py: experiments/results/full_regression.md). Read-outs: ridge linear probes on
 frozen features with reg chosen by 5-fold cross-validation on the labelled
 training images, using all of them (10k CIFAR-10, 9.5k Imagenette-32,
-60k Fashion-MNIST) and class-stratified 5% and 1% of them (mean of 5
+a seeded 10k of Fashion-MNIST's 60k) and class-stratified 5% and 1% of them (mean of 5
 draws); CIFAR-10 is scored on its 10k test images. 3 seeds.
 Rows: none (random init), random and k-means real subsets with teacher
 targets, KRR-ST, full, teacher.
