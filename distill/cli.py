@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiments/configs/FILE.py[:variant]")
     p.add_argument("--workdir", required=True, help="where artefacts and checkpoints go")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.steps=500")
+                   help="override a config value, e.g. --set krr_st.steps=500")
   p = sub.add_parser("inspect", help="validate a synthetic .npz, summarise it, save a grid PNG")
   p.add_argument("file")
   p.add_argument("--png", default=None, help="grid PNG path (default: next to the file)")
@@ -52,19 +52,15 @@ def main(argv: list[str] | None = None) -> int:
   from distill.errors import DistillError
   try:
     if args.command == "inspect":
-      from distill import export
-      print(export.inspect(args.file, args.png))
+      from distill.data import synthetic_set
+      print(synthetic_set.inspect(args.file, args.png))
       return 0
-    from distill import experts, influence, param_match, pipeline, source_pruning, table
     from distill.config import load_config
+    from distill.stages import artefacts, pipeline
     config = load_config(args.config, args.set)
-    stage = {"run": pipeline.run, "teacher": pipeline.run_teacher,
-             "krr-st": pipeline.run_krr_st, "table": table.run_table,
-             "experts": experts.run_experts, "param-match": param_match.run_param_match,
-             "transfer": table.run_table, "prune-source": source_pruning.run_prune_source,
-             "influence": influence.run_influence}[args.command]
+    stage = pipeline.STAGES[args.command]
     if args.command != "run":
-      pipeline.prepare_workdir(config, args.workdir)
+      artefacts.prepare_workdir(config, args.workdir)
     stage(config, os.path.abspath(args.workdir))
     return 0
   except DistillError as e:

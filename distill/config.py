@@ -4,7 +4,7 @@ An experiment file under `experiments/configs/` starts from `base_config()`,
 changes what it needs and returns the result; a `:variant` suffix on the
 path is passed to its `get_config(variant)` (e.g. `...quickstart.py:smoke`).
 The base config is locked, so a misspelt key in an experiment file or in a
-command-line override (`--set distill.steps=100`) is an error naming the key,
+command-line override (`--set krr_st.steps=100`) is an error naming the key,
 never a silently ignored setting.
 """
 
@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       # "gap": the last feature map averaged over space (a ConvNet's map
       # pooled the way a ResNet's is; for ResNets the same as "features").
       representation="features",
-      # InfoBatch dynamic pruning (distill/infobatch.py); `distill teacher`
+      # InfoBatch dynamic pruning (distill/selection/infobatch.py); `distill teacher`
       # uses it when prune_ratio > 0.
       infobatch=ml_collections.ConfigDict(dict(
           prune_ratio=0.0,     # fraction r of below-mean-score samples dropped per epoch
@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # KRR-ST distillation.
-  c.distill = ml_collections.ConfigDict(dict(
+  c.krr_st = ml_collections.ConfigDict(dict(
       num_synthetic=1000,
       init="random",           # start images: "random", "kmeans" (teacher features) or
                                # "pruned" (among <workdir>/source_pruning.npz's indices)
@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
   ))
 
-  # Expert trajectories for parameter matching (distill/experts.py).
+  # Expert trajectories for parameter matching (distill/methods/experts.py).
   c.experts = ml_collections.ConfigDict(dict(
       num_experts=10,
       epochs=50,               # checkpoints saved after every epoch (and at init)
@@ -114,12 +114,12 @@ def base_config() -> ml_collections.ConfigDict:
       momentum=0.0,
       augment=True,            # random crop + flip
       dtype="float32",         # buffer storage: "float32" or "float16"
-      # InfoBatch dynamic pruning of the expert epochs (distill/infobatch.py); 0 = off.
+      # InfoBatch dynamic pruning of the expert epochs (distill/selection/infobatch.py); 0 = off.
       infobatch=ml_collections.ConfigDict(dict(prune_ratio=0.0, delta=0.875)),
       log_every=100,
   ))
 
-  # Importance-weighted parameter matching (distill/param_match.py).
+  # Importance-weighted parameter matching (distill/methods/param_match.py).
   c.param_match = ml_collections.ConfigDict(dict(
       method="iadd",           # "iadd": learned importance weights W; "mtt": W = 1
       num_synthetic=100,
@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Pretraining a fresh network on a set: MSE to teacher-space targets or
   # learned labels, cross-entropy to soft labels of "ce" parameter matching
-  # (the recipe of each row is in distill/sets.py). The official recipe:
+  # (the recipe of each row is in distill/stages/sets.py). The official recipe:
   # SGD lr 0.1 constant, momentum 0.9, wd 1e-3, batch 256, 1000 epochs, no
   # augmentation.
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Selection tools: source pruning for transfer and label-free influence.
   c.selection = ml_collections.ConfigDict(dict(
-      # `distill prune-source` (distill/source_pruning.py).
+      # `distill prune-source` (distill/selection/source_pruning.py).
       prune=ml_collections.ConfigDict(dict(
           method="fm",             # "lm" (label match), "fm" (feature match) or "random"
           keep_fraction=0.5,       # share of source groups kept (rounded, at least 1)
@@ -182,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
           batch_size=128,
           lr=1e-3,
       )),
-      # `distill influence` (distill/influence.py).
+      # `distill influence` (distill/selection/influence.py).
       influence=ml_collections.ConfigDict(dict(
           num_views=2,             # augmented views per image in the consistency loss
           reg=1e-2,                # ridge of the linear head (trace_over_n convention)
@@ -201,12 +201,12 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=5e-4,
       augment=True,            # random crop + flip
       num_train=0,             # fine-tune on this many target training images (0 = all)
-      # InfoBatch dynamic pruning of the fine-tuning epochs (distill/infobatch.py);
+      # InfoBatch dynamic pruning of the fine-tuning epochs (distill/selection/infobatch.py);
       # prune_ratio 0 = off. The lr schedule then runs on epoch progress.
       infobatch=ml_collections.ConfigDict(dict(prune_ratio=0.0, delta=0.875)),
   ))
 
-  # KIP baseline (distill/kip.py): synthetic images + learned labels fitted
+  # KIP baseline (distill/methods/kip.py): synthetic images + learned labels fitted
   # by kernel ridge regression with the ConvNet's infinite-width NTK.
   c.kip = ml_collections.ConfigDict(dict(
       steps=1000,
@@ -236,7 +236,7 @@ def base_config() -> ml_collections.ConfigDict:
       label_draws=5,
   ))
 
-  # The results table (distill/table.py): rows x architectures x targets x
+  # The results table (distill/stages/table.py): rows x architectures x targets x
   # read-outs x seeds. Rows: none, random, kmeans, kip, frepo, krr_st, iadd,
   # mtt, full (regress the teacher on the whole source), teacher.
   c.eval = ml_collections.ConfigDict(dict(

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill.config import base_config
-from distill.krr_st import KRRST
-from distill.models import build_model, init_model
+from distill.methods.krr_st import KRRST
+from distill.nn.models import build_model, init_model
 from kernels.ridge import krr_predict
 
 
@@ -50,7 +50,7 @@ def _time(fn, repeats: int) -> float:
 
 def bench_size(n: int, width: int, batch: int, pool_size: int, form: str, repeats: int,
                image: int = 32) -> dict:
-  cfg = base_config().distill
+  cfg = base_config().krr_st
   with cfg.unlocked():
     cfg.update(dict(num_synthetic=n, batch_size=batch, steps=1000, ridge_form=form,
                     reg=1e-6, reg_scaling="trace"))

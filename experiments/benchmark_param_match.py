@@ -37,8 +37,8 @@ def bench_one(syn_steps: int, remat: bool, width: int, depth: int, n: int, syn_b
   import numpy as np
 
   from distill.config import base_config
-  from distill.models import ConvNet
-  from distill.param_match import ParamMatch, initial_soft_labels
+  from distill.nn.models import ConvNet
+  from distill.methods.param_match import ParamMatch, initial_soft_labels
 
   cfg = base_config().param_match
   with cfg.unlocked():

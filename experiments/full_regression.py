@@ -29,9 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import data, pipeline, sets, teacher as teacher_lib, transfer
 from distill.config import apply_overrides, load_config
-from distill.models import build_model, extract_features
+from distill.data import datasets
+from distill.eval import transfer
+from distill.nn.models import build_model, extract_features
+from distill.stages import artefacts
 
 RECIPES = {
     # No augmentation, raw targets.
@@ -65,20 +67,20 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = load_config(args.config, args.set)
-  teacher = teacher_lib.workdir_teacher(config, args.workdir)
-  source = pipeline.load_source(config)
-  everything = data.load_dataset(config.data.source, config.data.source_split,
+  teacher = artefacts.workdir_teacher(config, args.workdir)
+  source = artefacts.load_source(config)
+  everything = datasets.load_dataset(config.data.source, config.data.source_split,
                                  cache_dir=config.data.cache_dir or None)
   # The source subset is a seeded subsample of the split: held-out images are
   # those of the split that are not in it (compared by content).
   in_source = {x.tobytes() for x in source.images}
   outside = [i for i in range(len(everything.images))
              if everything.images[i].tobytes() not in in_source][:args.held_out]
-  x_held = data.normalize(everything.images[outside], teacher.mean, teacher.std)
+  x_held = datasets.normalize(everything.images[outside], teacher.mean, teacher.std)
   y_held = teacher.features(x_held)
-  x_src = data.normalize(source.images, teacher.mean, teacher.std)
-  y_src = sets.source_features(source, teacher)
-  target = pipeline.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
+  x_src = datasets.normalize(source.images, teacher.mean, teacher.std)
+  y_src = artefacts.source_features(source, teacher)
+  target = artefacts.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
   teacher_fn = jax.jit(lambda x: teacher.represent(teacher.variables, x))
 
   def probe(model, variables):

@@ -8,7 +8,7 @@ Takes 2,000 CIFAR-10 training images, adds 200 duplicates of images in the
 set (100 exact copies, 100 near copies: +-N(0, 6) pixel noise and a 1-pixel
 shift) and 200 corrupted images made from other CIFAR-10 images (100 with
 their pixels shuffled, 100 with N(0, 100) pixel noise), shuffles the 2,400,
-and scores them with `distill.influence.run_influence` using the CIFAR-10
+and scores them with `distill.stages.selection.run_influence` using the CIFAR-10
 teacher of runs/cifar10_krr_st (copied into the workdir, never written
 there). Reports how many planted images land in the top k of each score and
 writes experiments/results/selection_influence.md.
@@ -27,8 +27,9 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from distill import data, influence  # noqa: E402
 from distill.config import load_config  # noqa: E402
+from distill.data import datasets  # noqa: E402
+from distill.stages.selection import run_influence  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "cifar10_selection.py")
 TEACHER = os.path.join(ROOT, "runs", "cifar10_krr_st", "teacher")
@@ -79,13 +80,13 @@ def main() -> None:
     shutil.copytree(TEACHER, os.path.join(args.workdir, "teacher"),
                     ignore=shutil.ignore_patterns("ckpt"))
   config = load_config(CONFIG)
-  pool = data.load_dataset(config.data.source, "train").images
+  pool = datasets.load_dataset(config.data.source, "train").images
   images, kinds = plant(pool, np.random.default_rng(1))
   source = os.path.join(args.workdir, "planted.npz")
   np.savez(source, images=images, kinds=kinds)
   with config.unlocked():
     config.data.source, config.data.num_source = source, 0
-  scores = influence.run_influence(config, args.workdir)
+  scores = run_influence(config, args.workdir)
   seconds = time.perf_counter() - t0
   n = len(kinds)
   dup_hits = top_counts(scores["duplicate"], kinds, 400, [1, 2, 3])

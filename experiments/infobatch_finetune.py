@@ -6,7 +6,7 @@ whose seed-0 full-data teacher is the pretrained backbone here):
 
 Fine-tunes all layers of that CIFAR-10 Barlow Twins ConvNet (new head) on
 3,000 Imagenette-32 training images and tests on its 3,925 validation
-images, through `distill.transfer.finetune` with `finetune.infobatch`
+images, through `distill.eval.transfer.finetune` with `finetune.infobatch`
 prune_ratio 0 (full data) and 0.5 (delta 0.875), once per seed. Writes
 experiments/results/selection_infobatch_finetune.md.
 """
@@ -24,9 +24,11 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from distill import data, table, teacher as teacher_lib, transfer  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.table import mean_std_text  # noqa: E402
+from distill.data import datasets  # noqa: E402
+from distill.eval import table, transfer  # noqa: E402
+from distill.eval.table import mean_std_text  # noqa: E402
+from distill.methods import barlow_twins  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "cifar10_selection.py")
 RESULTS = os.path.join(ROOT, "experiments", "results", "selection_infobatch_finetune.md")
@@ -49,12 +51,12 @@ def main() -> None:
   parser.add_argument("--prune-ratio", type=float, default=0.5)
   args = parser.parse_args()
   config = load_config(CONFIG)
-  teacher = teacher_lib.load_teacher(args.teacher)
+  teacher = barlow_twins.load_teacher(args.teacher)
   shape = teacher.image_shape
-  prep = lambda ds: data.normalize(data.match_format(ds.images, shape[0], shape[2]),
+  prep = lambda ds: datasets.normalize(datasets.match_format(ds.images, shape[0], shape[2]),
                                    teacher.mean, teacher.std)
-  train = data.subsample(data.load_dataset(config.data.target, "train"), 3000, 0)
-  test = data.load_dataset(config.data.target, "val")
+  train = datasets.subsample(datasets.load_dataset(config.data.target, "train"), 3000, 0)
+  test = datasets.load_dataset(config.data.target, "val")
   x_train, x_test = prep(train), prep(test)
   runs = []
   for seed in args.seeds:

@@ -5,7 +5,7 @@ Command (from the repository root):
       --workdir runs/selection_cifar10/infobatch --seeds 0 1 2
 
 Trains the cifar10_selection.py teacher (width-32 ConvNet, 5k CIFAR-10
-images, 10 epochs, batch 256) twice through `distill.infobatch.train_teacher`:
+images, 10 epochs, batch 256) twice through `distill.stages.teacher.train_infobatch_teacher`:
 with prune_ratio 0 (full data, same code path and schedule) and with the
 config's InfoBatch setting (r = 0.5, delta = 0.8), once per seed. Each teacher is
 linear-probed on CIFAR-10 (5k train / 10k test) and on Imagenette-32
@@ -24,9 +24,12 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from distill import data, infobatch, transfer  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.table import mean_std_text  # noqa: E402
+from distill.data import datasets  # noqa: E402
+from distill.eval import transfer  # noqa: E402
+from distill.eval.table import mean_std_text  # noqa: E402
+from distill.selection import infobatch  # noqa: E402
+from distill.stages.teacher import train_infobatch_teacher  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "cifar10_selection.py")
 RESULTS = os.path.join(ROOT, "experiments", "results", "selection_infobatch.md")
@@ -34,11 +37,11 @@ RESULTS = os.path.join(ROOT, "experiments", "results", "selection_infobatch.md")
 
 def probe(teacher, source: str, train_split: str, test_split: str, num_train: int, config):
   """Linear-probe accuracy of the teacher's frozen features on a labelled dataset."""
-  train = data.subsample(data.load_dataset(source, train_split), num_train, 0)
-  test = data.load_dataset(source, test_split)
+  train = datasets.subsample(datasets.load_dataset(source, train_split), num_train, 0)
+  test = datasets.load_dataset(source, test_split)
   shape = teacher.image_shape
-  features = lambda ds: teacher.features(data.normalize(
-      data.match_format(ds.images, shape[0], shape[2]), teacher.mean, teacher.std))
+  features = lambda ds: teacher.features(datasets.normalize(
+      datasets.match_format(ds.images, shape[0], shape[2]), teacher.mean, teacher.std))
   return transfer.linear_probe(features(train), train.labels, features(test), test.labels,
                                regs=tuple(config.probe.regs),
                                folds=config.probe.folds)["accuracy"]
@@ -53,7 +56,7 @@ def main() -> None:
   args = parser.parse_args()
   config = load_config(CONFIG)
   # One fixed source subset and probe split; the seed varies training only.
-  source = data.subsample(data.load_dataset(config.data.source, "train"),
+  source = datasets.subsample(datasets.load_dataset(config.data.source, "train"),
                           config.data.num_source, config.seed)
   runs = []
   for seed in args.seeds:
@@ -64,7 +67,7 @@ def main() -> None:
         cfg.seed = seed
       workdir = os.path.join(args.workdir, f"seed{seed}", f"r{ratio:g}")
       # A finished teacher is loaded, not retrained; its report keeps the training time.
-      teacher, report = infobatch.train_teacher(cfg, workdir, source.images)
+      teacher, report = train_infobatch_teacher(cfg, workdir, source.images)
       t0 = time.perf_counter()
       cifar = probe(teacher, config.data.source, "train", "test", 5000, config)
       nette = probe(teacher, config.data.target, "train", "val", 3000, config)

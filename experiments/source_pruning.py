@@ -7,7 +7,7 @@ Command (from the repository root):
 Source: 5k labelled CIFAR-10 training images (groups = its 10 classes);
 target: Imagenette-32. One surrogate (width-32 ConvNet, 4 epochs) gives both
 LM and FM votes from 3k Imagenette training images
-(`distill.source_pruning.run_prune_source`). For each kept set (all classes;
+(`distill.stages.selection.run_prune_source`). For each kept set (all classes;
 LM / FM / random at 50% and 20% of the classes kept, i.e. 50% / 80% pruned),
 a fresh width-32 ConvNet is trained with cross-entropy on the kept images for
 the same number of epochs (so pruning also saves steps), and its frozen
@@ -28,9 +28,12 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from distill import data, source_pruning as sp, transfer  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.models import extract_features  # noqa: E402
+from distill.data import datasets  # noqa: E402
+from distill.eval import transfer  # noqa: E402
+from distill.nn.models import extract_features  # noqa: E402
+from distill.selection import source_pruning as sp  # noqa: E402
+from distill.stages.selection import run_prune_source  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "cifar10_selection.py")
 RESULTS = os.path.join(ROOT, "experiments", "results", "selection_source_pruning.md")
@@ -46,21 +49,21 @@ def main() -> None:
   t_start = time.perf_counter()
   config = load_config(CONFIG)
   os.makedirs(args.workdir, exist_ok=True)
-  voted = sp.run_prune_source(config, args.workdir)
+  voted = run_prune_source(config, args.workdir)
   with np.load(os.path.join(args.workdir, sp.ARTEFACT)) as f:
     votes = json.loads(str(f["meta"]))["votes"]
   vote_seconds = time.perf_counter() - t_start
 
-  full = data.load_dataset(config.data.source, "train")
-  source = data.subsample(full, config.data.num_source, config.seed)
+  full = datasets.load_dataset(config.data.source, "train")
+  source = datasets.subsample(full, config.data.num_source, config.seed)
   names = source.class_names or tuple(str(i) for i in range(10))
-  mean, std = data.channel_stats(source.images)
-  x_source = data.normalize(source.images, mean, std)
+  mean, std = datasets.channel_stats(source.images)
+  x_source = datasets.normalize(source.images, mean, std)
   groups = voted.groups
-  target = data.load_dataset(config.data.target, "train")
-  target = data.subsample(target, config.data.num_target_train, config.seed)
-  test = data.load_dataset(config.data.target, "val")
-  x_train, x_test = (data.normalize(data.match_format(d.images, 32, 3), mean, std)
+  target = datasets.load_dataset(config.data.target, "train")
+  target = datasets.subsample(target, config.data.num_target_train, config.seed)
+  test = datasets.load_dataset(config.data.target, "val")
+  x_train, x_test = (datasets.normalize(datasets.match_format(d.images, 32, 3), mean, std)
                      for d in (target, test))
 
   arms = [("full source", np.arange(10))]

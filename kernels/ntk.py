@@ -24,7 +24,6 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from distill.errors import DistillError
 from kernels.nt_compat import nt, stax
 
 Get = Union[str, tuple[str, ...]]
@@ -151,9 +150,9 @@ def kernel_matrix(kernel_fn: Callable, x1: jnp.ndarray,
     (n1, n2) kernel matrix.
   """
   if get not in KERNELS:
-    raise DistillError(f"get must be one of {KERNELS}, got {get!r}")
+    raise ValueError(f"get must be one of {KERNELS}, got {get!r}")
   if batch_size < 0:
-    raise DistillError(f"batch_size must be >= 0, got {batch_size}")
+    raise ValueError(f"batch_size must be >= 0, got {batch_size}")
   if batch_size == 0:
     return kernel_fn(x1, x2, get=get)
   n1 = x1.shape[0]
@@ -208,7 +207,7 @@ def arccos_nngp_dense_relu(x1: jnp.ndarray, x2: jnp.ndarray, W_std: float,
 
 def _validated(kernel_fn: Callable, ndim: int,
                min_spatial: int = 1) -> Callable:
-  """Wraps a stax kernel_fn with input checks that raise DistillError.
+  """Wraps a stax kernel_fn with input checks that raise ValueError.
 
   Args:
     kernel_fn: the jitted stax kernel_fn.
@@ -223,16 +222,16 @@ def _validated(kernel_fn: Callable, ndim: int,
               get: Get = KERNELS):
     _check_ndim(x1, ndim, "x1")
     if ndim == 4 and min(x1.shape[1:3]) < min_spatial:
-      raise DistillError(f"images of {x1.shape[1]}x{x1.shape[2]} are too "
+      raise ValueError(f"images of {x1.shape[1]}x{x1.shape[2]} are too "
                          f"small for this depth: need H, W >= {min_spatial}")
     if x2 is not None:
       _check_ndim(x2, ndim, "x2")
       if x2.shape[1:] != x1.shape[1:]:
-        raise DistillError(f"x1 and x2 differ in per-example shape: "
+        raise ValueError(f"x1 and x2 differ in per-example shape: "
                            f"{x1.shape[1:]} vs {x2.shape[1:]}")
     gets = (get,) if isinstance(get, str) else tuple(get)
     if not gets or any(g not in KERNELS for g in gets):
-      raise DistillError(f"get must be drawn from {KERNELS}, got {get!r}")
+      raise ValueError(f"get must be drawn from {KERNELS}, got {get!r}")
     return kernel_fn(x1, x2, get=get)
 
   return checked
@@ -240,16 +239,16 @@ def _validated(kernel_fn: Callable, ndim: int,
 
 def _check_arch(depth: int, norm: str) -> None:
   if depth < 1:
-    raise DistillError(f"depth must be >= 1, got {depth}")
+    raise ValueError(f"depth must be >= 1, got {depth}")
   if norm not in NORMS:
-    raise DistillError(f"norm must be one of {NORMS}, got {norm!r}")
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
 def _check_ndim(x, ndim: int, name: str) -> None:
   shape = getattr(x, "shape", None)
   if shape is None or len(shape) != ndim:
     layout = "(n, H, W, C) NHWC" if ndim == 4 else "(n, d)"
-    raise DistillError(f"{name} must be a {ndim}-D {layout} array, got shape "
+    raise ValueError(f"{name} must be a {ndim}-D {layout} array, got shape "
                        f"{shape}")
 
 

@@ -224,8 +224,3 @@ def ridge_path(phi: jax.Array, y: jax.Array, regs: jax.Array,
 def with_bias(phi: jax.Array) -> jax.Array:
   """(n, p) -> (n, p + 1): appends the ones column of the bias term."""
   return jnp.concatenate([phi, jnp.ones((phi.shape[0], 1), phi.dtype)], axis=1)
-
-
-def linear_kernel(x1: jax.Array, x2: jax.Array) -> jax.Array:
-  """(n1, p), (n2, p) -> (n1, n2) Gram matrix of inner products."""
-  return x1 @ x2.T

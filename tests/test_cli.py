@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from distill import export
 from distill.cli import main
+from distill.data import synthetic_set
 from tests.conftest import ROOT, smoke_args
 
 
@@ -21,11 +21,11 @@ def _error(capsys):
 
 
 def test_end_to_end_run_writes_every_artefact(smoke_run):
-  synthetic = export.load_synthetic(str(smoke_run / "synthetic.npz"))
+  synthetic = synthetic_set.load_synthetic(str(smoke_run / "synthetic.npz"))
   assert synthetic.images.shape == (12, 16, 16, 3)
   assert synthetic.targets.shape == (12, 4 * 4 * 8)  # ConvNet width 8, depth 2 at 16px
   assert synthetic.method == "krr_st" and synthetic.step == 6
-  assert synthetic.config["distill"]["num_synthetic"] == 12
+  assert synthetic.config["krr_st"]["num_synthetic"] == 12
   teacher = json.loads((smoke_run / "teacher" / "teacher.json").read_text())
   assert 0.0 <= teacher["info"]["probe"]["accuracy"] <= 1.0
   results = json.loads((smoke_run / "table.json").read_text())
@@ -56,23 +56,23 @@ def test_inspect_prints_summary_and_grid(smoke_run, capsys, tmp_path):
 def test_other_config_on_same_workdir_is_refused_and_nothing_changes(smoke_run, blobs_npz,
                                                                       capsys):
   before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()}
-  assert main(smoke_args("run", smoke_run, blobs_npz, "--set", "distill.steps=7")) == 2
+  assert main(smoke_args("run", smoke_run, blobs_npz, "--set", "krr_st.steps=7")) == 2
   err = _error(capsys)
-  assert "different config" in err and "distill.steps" in err
+  assert "different config" in err and "krr_st.steps" in err
   assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()} == before
 
 
 def test_synthetic_set_larger_than_source_is_refused(smoke_run, blobs_npz, tmp_path, capsys):
   workdir = tmp_path / "big"
   shutil.copytree(smoke_run / "teacher", workdir / "teacher")
-  code = main(smoke_args("krr-st", workdir, blobs_npz, "--set", "distill.num_synthetic=500"))
+  code = main(smoke_args("krr-st", workdir, blobs_npz, "--set", "krr_st.num_synthetic=500"))
   assert code == 2
   assert "num_synthetic=500 is larger than the source (96 images)" in _error(capsys)
   assert not (workdir / "synthetic.npz").exists()
 
 
 @pytest.mark.parametrize("override,message", [
-    ("distill.num_synthetc=5", "unknown config key"),
+    ("krr_st.num_synthetc=5", "unknown config key"),
     ("data.source=/no/such/dir/data.npz", "does not exist"),
 ])
 def test_bad_settings_exit_2_with_one_line(override, message, blobs_npz, tmp_path, capsys):

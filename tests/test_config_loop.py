@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from distill import pipeline
-from distill.config import apply_overrides, base_config, load_config
+from distill.config import apply_overrides, base_config, load_config, to_dict
 from distill.errors import DistillError
-from distill.loop import Checkpointer, batch_indices, run_loop
+from distill.nn.loop import batch_indices, Checkpointer, run_loop
+from distill.stages import artefacts
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                           "fashion_mnist_quickstart.py")
@@ -20,24 +20,24 @@ QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "experiments", "confi
 
 def test_overrides_parse_types_and_reject_unknown_keys():
   c = base_config()
-  apply_overrides(c, ["distill.steps=7", "distill.reg=1e-2", "data.source=my/data.npz",
-                      "eval.seeds=(3, 4)", "distill.lr_images=1"])
-  assert c.distill.steps == 7 and c.distill.reg == 1e-2
+  apply_overrides(c, ["krr_st.steps=7", "krr_st.reg=1e-2", "data.source=my/data.npz",
+                      "eval.seeds=(3, 4)", "krr_st.lr_images=1"])
+  assert c.krr_st.steps == 7 and c.krr_st.reg == 1e-2
   assert c.data.source == "my/data.npz" and c.eval.seeds == (3, 4)
-  assert c.distill.lr_images == 1.0 and isinstance(c.distill.lr_images, float)
-  with pytest.raises(DistillError, match="unknown config key 'distill.stepz'"):
-    apply_overrides(c, ["distill.stepz=3"])
+  assert c.krr_st.lr_images == 1.0 and isinstance(c.krr_st.lr_images, float)
+  with pytest.raises(DistillError, match="unknown config key 'krr_st.stepz'"):
+    apply_overrides(c, ["krr_st.stepz=3"])
   with pytest.raises(DistillError, match="unknown config key 'distil'"):
     apply_overrides(c, ["distil.steps=3"])
   with pytest.raises(DistillError, match="expects int"):
-    apply_overrides(c, ["distill.steps=many"])
+    apply_overrides(c, ["krr_st.steps=many"])
   with pytest.raises(DistillError, match="key=value"):
-    apply_overrides(c, ["distill.steps"])
+    apply_overrides(c, ["krr_st.steps"])
 
 
 def test_config_files_and_variants_load():
   c = load_config(QUICKSTART + ":smoke")
-  assert c.distill.steps < load_config(QUICKSTART).distill.steps
+  assert c.krr_st.steps < load_config(QUICKSTART).krr_st.steps
   with pytest.raises(DistillError, match="does not exist"):
     load_config("no/such/config.py")
 
@@ -45,7 +45,7 @@ def test_config_files_and_variants_load():
 def test_misspelt_key_inside_a_config_file_is_an_error(tmp_path):
   path = tmp_path / "typo.py"
   path.write_text("from distill.config import base_config\n"
-                  "def get_config():\n  c = base_config()\n  c.distill.num_synthetc = 5\n"
+                  "def get_config():\n  c = base_config()\n  c.krr_st.num_synthetc = 5\n"
                   "  return c\n")
   with pytest.raises(DistillError, match="num_synthetc"):
     load_config(str(path))
@@ -127,18 +127,31 @@ def test_on_demand_sections_may_change_until_their_artefacts_exist(tmp_path):
     apply_overrides(c, overrides)
     return c
 
-  pipeline.prepare_workdir(base_config(), workdir)
+  artefacts.prepare_workdir(base_config(), workdir)
   changed = ("experts.epochs=7", "param_match.steps=9")
-  pipeline.prepare_workdir(config(*changed), workdir)   # nothing built yet: accepted and stored
+  artefacts.prepare_workdir(config(*changed), workdir)   # nothing built yet: accepted and stored
   with open(tmp_path / "config.json") as f:
     stored = json.load(f)
   assert stored["experts"]["epochs"] == 7 and stored["param_match"]["steps"] == 9
   os.makedirs(tmp_path / "experts_ce")          # now the experts exist ...
   with pytest.raises(DistillError, match="differs at: experts.epochs"):
-    pipeline.prepare_workdir(config("experts.epochs=8", "param_match.steps=9"), workdir)
+    artefacts.prepare_workdir(config("experts.epochs=8", "param_match.steps=9"), workdir)
   # ... while parameter matching (no synthetic_iadd*/mtt* yet) may still change.
-  pipeline.prepare_workdir(config(*changed, "param_match.steps=11"), workdir)
-  with pytest.raises(DistillError, match="differs at: distill.steps"):
-    pipeline.prepare_workdir(config(*changed, "distill.steps=3"), workdir)
+  artefacts.prepare_workdir(config(*changed, "param_match.steps=11"), workdir)
+  with pytest.raises(DistillError, match="differs at: krr_st.steps"):
+    artefacts.prepare_workdir(config(*changed, "krr_st.steps=3"), workdir)
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["param_match"]["steps"] == 11
+
+
+def test_a_workdir_made_with_the_old_section_name_is_read_renamed(tmp_path):
+  old = json.loads(json.dumps(to_dict(base_config())))
+  old["distill"] = old.pop("krr_st")
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  artefacts.prepare_workdir(base_config(), str(tmp_path))   # same settings: accepted
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert "distill" not in stored and stored["krr_st"] == old["distill"]
+  changed = base_config()
+  apply_overrides(changed, ["krr_st.steps=3"])
+  with pytest.raises(DistillError, match="differs at: krr_st.steps"):
+    artefacts.prepare_workdir(changed, str(tmp_path))

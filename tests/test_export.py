@@ -1,4 +1,4 @@
-"""Tests for distill.export: the synthetic-set file format and its viewers."""
+"""Tests for distill.data.synthetic_set: the synthetic-set file format and its viewers."""
 
 import os
 
@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import export, files
+from distill import files
+from distill.data import synthetic_set
 from distill.errors import DistillError
 
 N, H, W, C, D = 6, 8, 8, 3, 5
 
 
-def make_set(label_kind="hard", c=C, **overrides) -> export.SyntheticSet:
+def make_set(label_kind="hard", c=C, **overrides) -> synthetic_set.SyntheticSet:
   """A small valid set; `overrides` replace any field."""
   rng = np.random.default_rng(0)
   if label_kind == "hard":
@@ -35,10 +36,10 @@ def make_set(label_kind="hard", c=C, **overrides) -> export.SyntheticSet:
       extra={"learned_step_size": 0.5},
   )
   fields.update(overrides)
-  return export.SyntheticSet(**fields)
+  return synthetic_set.SyntheticSet(**fields)
 
 
-def assert_same(a: export.SyntheticSet, b: export.SyntheticSet) -> None:
+def assert_same(a: synthetic_set.SyntheticSet, b: synthetic_set.SyntheticSet) -> None:
   for field in ("images", "targets", "image_mean", "image_std"):
     np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert getattr(b, field).dtype == np.float32
@@ -69,30 +70,30 @@ def rewrite(path, **changes) -> None:
 def test_round_trip_preserves_every_field(tmp_path, labels, c):
   original = make_set(labels, c=c)
   path = str(tmp_path / "sub" / "syn.npz")
-  assert export.save_synthetic(path, original) == path
-  loaded = export.load_synthetic(path)
+  assert synthetic_set.save_synthetic(path, original) == path
+  loaded = synthetic_set.load_synthetic(path)
   assert_same(original, loaded)
-  text = export.summary(loaded)
+  text = synthetic_set.summary(loaded)
   assert "n=6" in text and "krr" in text and "labels:" in text
 
 
 def test_extra_is_optional_in_file(tmp_path):
   path = str(tmp_path / "syn.npz")
-  export.save_synthetic(path, make_set())
+  synthetic_set.save_synthetic(path, make_set())
   rewrite(path, extra=None)
-  assert export.load_synthetic(path).extra == {}
+  assert synthetic_set.load_synthetic(path).extra == {}
 
 
 def test_numpy_values_in_config_are_stored_as_plain_json(tmp_path):
   path = str(tmp_path / "syn.npz")
-  export.save_synthetic(path, make_set(config={"lr": np.float32(0.5), "n": np.int64(3)}))
-  assert export.load_synthetic(path).config == {"lr": 0.5, "n": 3}
+  synthetic_set.save_synthetic(path, make_set(config={"lr": np.float32(0.5), "n": np.int64(3)}))
+  assert synthetic_set.load_synthetic(path).config == {"lr": 0.5, "n": 3}
 
 
 def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
   path = str(tmp_path / "syn.npz")
   old = make_set()
-  export.save_synthetic(path, old)
+  synthetic_set.save_synthetic(path, old)
 
   def crash(f, **arrays):
     f.write(b"PK\x03\x04 half an archive")
@@ -100,10 +101,10 @@ def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(np, "savez", crash)
   with pytest.raises(RuntimeError, match="power cut"):
-    export.save_synthetic(path, make_set(step=99))
+    synthetic_set.save_synthetic(path, make_set(step=99))
   monkeypatch.undo()
   assert os.listdir(tmp_path) == ["syn.npz"]
-  assert_same(old, export.load_synthetic(path))
+  assert_same(old, synthetic_set.load_synthetic(path))
 
 
 def test_os_error_during_write_is_distill_error_and_cleans_up(tmp_path, monkeypatch):
@@ -115,7 +116,7 @@ def test_os_error_during_write_is_distill_error_and_cleans_up(tmp_path, monkeypa
 
   monkeypatch.setattr(np, "savez", disk_full)
   with pytest.raises(DistillError, match="cannot write.*No space left"):
-    export.save_synthetic(path, make_set())
+    synthetic_set.save_synthetic(path, make_set())
   assert os.listdir(tmp_path) == []
 
 
@@ -143,10 +144,10 @@ def test_write_atomic_into_a_file_path_is_a_distill_error(tmp_path):
 def test_overwrite_false_keeps_old_file(tmp_path):
   path = str(tmp_path / "syn.npz")
   old = make_set()
-  export.save_synthetic(path, old, overwrite=False)
+  synthetic_set.save_synthetic(path, old, overwrite=False)
   with pytest.raises(DistillError, match="already exists"):
-    export.save_synthetic(path, make_set(step=7), overwrite=False)
-  assert_same(old, export.load_synthetic(path))
+    synthetic_set.save_synthetic(path, make_set(step=7), overwrite=False)
+  assert_same(old, synthetic_set.load_synthetic(path))
   assert os.listdir(tmp_path) == ["syn.npz"]
 
 
@@ -222,10 +223,10 @@ BAD_FILES = {
 def test_bad_file_raises_one_line_distill_error(tmp_path, case):
   corrupt, expected = BAD_FILES[case]
   path = str(tmp_path / "syn.npz")
-  export.save_synthetic(path, make_set())
+  synthetic_set.save_synthetic(path, make_set())
   corrupt(path)
   with pytest.raises(DistillError) as info:
-    export.load_synthetic(path)
+    synthetic_set.load_synthetic(path)
   message = str(info.value)
   assert expected in message
   assert path in message
@@ -238,7 +239,7 @@ def test_nan_count_is_reported():
   images[1, 0, 0, 0] = np.nan
   expected = r"images has 2 non-finite values \(2 NaN, 0 Inf\)"
   with pytest.raises(DistillError, match=expected):
-    export.validate(make_set(images=images))
+    synthetic_set.validate(make_set(images=images))
 
 
 BAD_SETS = {
@@ -259,19 +260,19 @@ def test_save_refuses_invalid_set_and_writes_nothing(tmp_path, case):
   overrides, expected = BAD_SETS[case]
   path = str(tmp_path / "out" / "syn.npz")
   with pytest.raises(DistillError, match=expected.replace("(", r"\(")) as info:
-    export.save_synthetic(path, make_set(**overrides))
+    synthetic_set.save_synthetic(path, make_set(**overrides))
   assert path in str(info.value)
   assert not os.path.exists(path)
   assert os.listdir(tmp_path) == []
   with pytest.raises(DistillError, match="synthetic set: "):
-    export.validate(make_set(**overrides))
+    synthetic_set.validate(make_set(**overrides))
 
 
 def test_image_grid_shape_and_placement():
   images = np.zeros((10, 5, 7, 3), np.float32)
   images[0] = 1.0
   images[5, ..., 0] = 0.5
-  grid = export.image_grid(images, ncols=4)
+  grid = synthetic_set.image_grid(images, ncols=4)
   assert grid.shape == (3 * (5 + 1) + 1, 4 * (7 + 1) + 1, 3)
   assert grid.dtype == np.uint8
   assert (grid[1:6, 1:8] == 255).all()  # image 0: white
@@ -282,24 +283,24 @@ def test_image_grid_shape_and_placement():
 
 def test_image_grid_grey_default_columns_and_no_pad():
   grey = np.random.default_rng(0).random((10, 4, 4, 1)).astype(np.float32)
-  grid = export.image_grid(grey)  # ceil(sqrt(10)) = 4 columns, 3 rows
+  grid = synthetic_set.image_grid(grey)  # ceil(sqrt(10)) = 4 columns, 3 rows
   assert grid.shape == (3 * 5 + 1, 4 * 5 + 1, 3)
   assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()
-  assert export.image_grid(grey[:3], ncols=8, pad=0).shape == (4, 12, 3)
+  assert synthetic_set.image_grid(grey[:3], ncols=8, pad=0).shape == (4, 12, 3)
   with pytest.raises(DistillError, match="image_grid"):
-    export.image_grid(grey[..., 0])
+    synthetic_set.image_grid(grey[..., 0])
 
 
 def test_save_image_grid_writes_png_of_expected_size(tmp_path):
   s = make_set()
   path = str(tmp_path / "png" / "grid.png")
-  written = export.save_image_grid(path, s.images, s.image_mean, s.image_std, scale=3)
+  written = synthetic_set.save_image_grid(path, s.images, s.image_mean, s.image_std, scale=3)
   assert written == path
   with Image.open(path) as image:
     assert image.format == "PNG" and image.mode == "RGB"
     # 6 images -> 3 columns, 2 rows of 8px with 1px padding, then x3.
     assert image.size == ((3 * 9 + 1) * 3, (2 * 9 + 1) * 3)
-  export.save_image_grid(path, s.images, s.image_mean, s.image_std, max_images=4, scale=1)
+  synthetic_set.save_image_grid(path, s.images, s.image_mean, s.image_std, max_images=4, scale=1)
   with Image.open(path) as image:
     assert image.size == (2 * 9 + 1, 2 * 9 + 1)
   assert os.listdir(tmp_path / "png") == ["grid.png"]
@@ -307,12 +308,12 @@ def test_save_image_grid_writes_png_of_expected_size(tmp_path):
 
 def test_inspect_summarises_and_writes_grid(tmp_path):
   path = str(tmp_path / "syn.npz")
-  export.save_synthetic(path, make_set("soft"))
-  text = export.inspect(path)
+  synthetic_set.save_synthetic(path, make_set("soft"))
+  text = synthetic_set.inspect(path)
   png = str(tmp_path / "syn_grid.png")
   assert "n=6" in text and "resnet18-barlow" in text and png in text
   assert "labels: soft" in text and "config: 3 keys" in text
   assert os.path.exists(png)
   other = str(tmp_path / "other.png")
-  assert other in export.inspect(path, png_path=other)
+  assert other in synthetic_set.inspect(path, png_path=other)
   assert os.path.exists(other)

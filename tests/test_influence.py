@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import influence, teacher as teacher_lib
 from distill.cli import main
 from distill.config import base_config
+from distill.methods import barlow_twins
+from distill.selection import influence
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SMOKE = os.path.join(ROOT, "experiments", "configs", "fashion_mnist_quickstart.py") + ":smoke"
@@ -110,12 +111,12 @@ def test_cli_writes_scores_for_the_source(tmp_path):
   c = base_config()
   with c.unlocked():
     c.teacher.arch.update(dict(name="convnet", width=4, depth=2))
-  model = teacher_lib.build_barlow_twins(c.teacher)
+  model = barlow_twins.build_barlow_twins(c.teacher)
   # A random teacher is enough here, and filling shapes skips compiling `init`.
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   r = np.random.default_rng(0)
   variables = jax.tree.map(lambda s: r.normal(0, 0.5, s.shape).astype(s.dtype), shapes)
-  teacher_lib.save_teacher(str(tmp_path / "teacher"), c.teacher.arch.to_dict(), variables,
+  barlow_twins.save_teacher(str(tmp_path / "teacher"), c.teacher.arch.to_dict(), variables,
                            [0.3] * 3, [0.25] * 3, (16, 16, 3), {})
   args = ["influence", "--config", SMOKE, "--workdir", str(tmp_path),
           "--set", f"data.source={tmp_path / 'source.npz'}",

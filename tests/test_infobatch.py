@@ -8,9 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from distill import infobatch, teacher as teacher_lib
 from distill.config import base_config
 from distill.errors import DistillError
+from distill.methods import barlow_twins
+from distill.selection import infobatch
+from distill.stages.teacher import train_infobatch_teacher
 
 
 def _regression(n=40, p=3, seed=0):
@@ -129,8 +131,8 @@ def test_weighted_barlow_twins_reduces_to_plain_and_scores_sum_to_invariance():
   r = np.random.default_rng(5)
   z1 = jnp.asarray(r.normal(size=(32, 6)), jnp.float32)
   z2 = z1 + 0.5 * jnp.asarray(r.normal(size=(32, 6)), jnp.float32)
-  loss, scores = infobatch.weighted_barlow_twins_loss(z1, z2, jnp.ones(32), 5e-3)
-  assert float(loss) == pytest.approx(float(teacher_lib.barlow_twins_loss(z1, z2, 5e-3)),
+  loss, scores = barlow_twins.weighted_barlow_twins_loss(z1, z2, jnp.ones(32), 5e-3)
+  assert float(loss) == pytest.approx(float(barlow_twins.barlow_twins_loss(z1, z2, 5e-3)),
                                       rel=1e-5)
   standardize = lambda z: (z - z.mean(0)) / z.std(0)
   diag = jnp.diagonal(standardize(z1).T @ standardize(z2) / 32)
@@ -141,7 +143,7 @@ def test_weighted_barlow_twins_reduces_to_plain_and_scores_sum_to_invariance():
   c = (jnp.concatenate([a, a[:16]]).T @ jnp.concatenate([b, b[:16]])) / 48
   on = jnp.sum((1 - jnp.diagonal(c)) ** 2)
   off = jnp.sum(c ** 2) - jnp.sum(jnp.diagonal(c) ** 2)
-  weighted, _ = infobatch.weighted_barlow_twins_loss(z1, z2, w, 5e-3)
+  weighted, _ = barlow_twins.weighted_barlow_twins_loss(z1, z2, w, 5e-3)
   assert float(weighted) == pytest.approx(float(on + 5e-3 * off), rel=1e-3)
 
 
@@ -154,7 +156,7 @@ def test_train_teacher_with_pruning_runs_reports_and_resumes(tmp_path):
     c.teacher.projector = (8, 8)
     c.teacher.epochs, c.teacher.batch_size, c.teacher.warmup_steps = 3, 8, 2
     c.teacher.infobatch.prune_ratio, c.teacher.infobatch.delta = 0.5, 0.67
-  teacher, report = infobatch.train_teacher(c, str(tmp_path), images)
+  teacher, report = train_infobatch_teacher(c, str(tmp_path), images)
   plans = json.loads((tmp_path / "teacher_infobatch" / "plans.json").read_text())
   # Epoch 0 has no scores yet, epoch 1 prunes, epoch 2 = int(0.67 * 3) anneals.
   assert [p["epoch"] for p in plans] == [0, 1, 2]
@@ -166,7 +168,7 @@ def test_train_teacher_with_pruning_runs_reports_and_resumes(tmp_path):
   assert teacher.features(np.zeros((2, 16, 16, 3), np.float32)).shape == (2, 8 * 8 * 4)
   # Lost artefacts with finished checkpoints: rebuilt from the last epoch, no retraining.
   (tmp_path / "teacher_infobatch" / "report.json").unlink()
-  again, report2 = infobatch.train_teacher(c, str(tmp_path), images)
+  again, report2 = train_infobatch_teacher(c, str(tmp_path), images)
   assert report2["steps"] == report["steps"]
   np.testing.assert_allclose(jax.tree.leaves(again.variables)[0],
                              jax.tree.leaves(teacher.variables)[0])

@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-from distill import pool as pool_lib
 from distill.config import base_config
-from distill.krr_st import KRRST, krr_outer_loss
-from distill.models import ConvNet, build_model, init_model
+from distill.methods import pool as pool_lib
+from distill.methods.krr_st import krr_outer_loss, KRRST
+from distill.nn.models import build_model, ConvNet, init_model
 from kernels.ridge import with_bias
 
 SHAPE = (8, 8, 3)
@@ -130,7 +129,7 @@ def test_pool_ages_stay_below_max_over_a_long_run():
 
 
 def _toy_method(steps=40, lr=1e-2):
-  cfg = base_config().distill
+  cfg = base_config().krr_st
   with cfg.unlocked():
     cfg.update(dict(num_synthetic=8, steps=steps, batch_size=32, lr_images=lr, lr_targets=lr,
                     reg=1e-3, reg_scaling="trace_over_n", augment_real=False))

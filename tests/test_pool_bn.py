@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import pool as pool_lib
 from distill.config import base_config
-from distill.krr_st import KRRST, krr_outer_loss
-from distill.models import ConvNet, build_model, init_model
+from distill.methods import pool as pool_lib
+from distill.methods.krr_st import krr_outer_loss, KRRST
+from distill.nn.models import build_model, ConvNet, init_model
 from kernels.ridge import with_bias
 
 SHAPE = (8, 8, 3)
@@ -126,7 +126,7 @@ def test_reset_at_max_age_restores_fresh_batch_stats_and_age():
 
 
 def _bn_method(steps):
-  cfg = base_config().distill
+  cfg = base_config().krr_st
   with cfg.unlocked():
     cfg.update(dict(num_synthetic=6, steps=steps, batch_size=32, lr_images=1e-2,
                     lr_targets=1e-2, reg=1e-3, reg_scaling="trace_over_n", augment_real=False))

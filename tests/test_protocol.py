@@ -7,10 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from distill import augment, transfer
 from distill.config import base_config
+from distill.data import augment
 from distill.errors import DistillError
-from distill.models import apply_model, build_model, extract_features, init_model
+from distill.eval import transfer
+from distill.nn.models import apply_model, build_model, extract_features, init_model
 
 SHAPE = (16, 16, 3)
 ARCH = dict(name="convnet", width=16, depth=3, norm="instance", widths=())

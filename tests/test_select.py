@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from distill import pipeline, select, source_pruning
 from distill.errors import DistillError
+from distill.selection import coresets, source_pruning
+from distill.stages.krr_st import initial_indices
 
 
 def _three_clusters(per=40, seed=0):
@@ -18,7 +19,7 @@ def _three_clusters(per=40, seed=0):
 
 def test_kmeans_recovers_separated_clusters():
   x, truth = _three_clusters()
-  centroids, assignment = select.kmeans(x, 3, seed=1)
+  centroids, assignment = coresets.kmeans(x, 3, seed=1)
   # Each found cluster is exactly one true cluster (up to relabelling).
   pairs = {(int(a), int(t)) for a, t in zip(assignment, truth)}
   assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
@@ -28,26 +29,26 @@ def test_kmeans_recovers_separated_clusters():
 
 def test_kmeans_coreset_is_distinct_and_covers_every_cluster():
   x, truth = _three_clusters()
-  idx = select.kmeans_coreset(x, 3, seed=0)
+  idx = coresets.kmeans_coreset(x, 3, seed=0)
   assert len(set(idx.tolist())) == 3 and sorted(truth[idx].tolist()) == [0, 1, 2]
-  many = select.kmeans_coreset(x, 30, seed=0)
+  many = coresets.kmeans_coreset(x, 30, seed=0)
   assert len(set(many.tolist())) == 30 and np.all(np.diff(many) > 0)
 
 
 def test_class_balanced_and_random_subsets():
   labels = np.r_[np.zeros(50), np.ones(5), np.full(100, 2)].astype(int)
-  idx = select.class_balanced_subset(labels, 30, seed=0)
+  idx = coresets.class_balanced_subset(labels, 30, seed=0)
   assert len(set(idx.tolist())) == 30
   # The small class gives all 5; the other 25 split 12/13 between the rest.
   counts = sorted(np.bincount(labels[idx]).tolist())
   assert counts == [5, 12, 13]
-  r = select.random_subset(20, 7, seed=3)
+  r = coresets.random_subset(20, 7, seed=3)
   assert len(set(r.tolist())) == 7 and r.max() < 20
-  np.testing.assert_array_equal(r, select.random_subset(20, 7, seed=3))
+  np.testing.assert_array_equal(r, coresets.random_subset(20, 7, seed=3))
   with pytest.raises(DistillError, match="larger than the source"):
-    select.random_subset(5, 6, 0)
+    coresets.random_subset(5, 6, 0)
   with pytest.raises(DistillError, match="NaN"):
-    select.kmeans(np.full((4, 2), np.nan), 2, 0)
+    coresets.kmeans(np.full((4, 2), np.nan), 2, 0)
 
 
 def test_initial_indices_from_kmeans_and_from_a_pruned_source(tmp_path):
@@ -58,16 +59,16 @@ def test_initial_indices_from_kmeans_and_from_a_pruned_source(tmp_path):
   source = SimpleNamespace(images=images, labels=None)
   teacher = SimpleNamespace(mean=np.zeros(1), std=np.ones(1) / 255.0,
                             features=lambda im: x[np.rint(im[:, 0, 0, 0]).astype(int)])
-  idx = pipeline.initial_indices("kmeans", 0, str(tmp_path), source, teacher, 3)
+  idx = initial_indices("kmeans", 0, str(tmp_path), source, teacher, 3)
   assert sorted(truth[idx].tolist()) == [0, 1, 2]
 
   with pytest.raises(DistillError, match="prune-source"):
-    pipeline.initial_indices("pruned", 0, str(tmp_path), source, teacher, 3)
+    initial_indices("pruned", 0, str(tmp_path), source, teacher, 3)
   kept = np.arange(10, 20)
   result = source_pruning.PruningResult("fm", np.zeros(3, np.int64), np.array([1]), kept,
                                         truth.astype(np.int32), 0.34)
   source_pruning.save_pruning(str(tmp_path / "source_pruning.npz"), result, {})
-  idx = pipeline.initial_indices("pruned", 0, str(tmp_path), source, teacher, 4)
+  idx = initial_indices("pruned", 0, str(tmp_path), source, teacher, 4)
   assert len(set(idx.tolist())) == 4 and set(idx.tolist()) <= set(kept.tolist())
   with pytest.raises(DistillError, match="keeps 10"):
-    pipeline.initial_indices("pruned", 0, str(tmp_path), source, teacher, 11)
+    initial_indices("pruned", 0, str(tmp_path), source, teacher, 11)

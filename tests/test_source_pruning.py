@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from distill import source_pruning as sp
 from distill.cli import main
 from distill.errors import DistillError
+from distill.selection import source_pruning as sp
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SMOKE = os.path.join(ROOT, "experiments", "configs", "fashion_mnist_quickstart.py") + ":smoke"

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import export, table, transfer
 from distill.cli import main
 from distill.config import load_config
+from distill.data import synthetic_set
 from distill.errors import DistillError
-from distill.models import build_model, init_model
-from tests.conftest import SMOKE, make_blobs, smoke_args
+from distill.eval import table, transfer
+from distill.nn.models import build_model, init_model
+from distill.stages import sets, table as table_stage
+from tests.conftest import make_blobs, SMOKE, smoke_args
 
 
 def _finetune_cfg(epochs):
@@ -89,28 +91,28 @@ def test_table_writer_round_trips_and_summarises():
 
 def test_table_figure_has_a_panel_per_target_and_readout(tmp_path):
   summary = table.summarize(_runs())
-  path = table.save_table_figure(str(tmp_path / "t.png"), summary, n=12)
+  path = table.save_table_figure(str(tmp_path / "t.png"), summary, n=12, rows=tuple(sets.ROWS))
   with Image.open(path) as png:
     width, height = png.size
   assert width > 2 * height   # 2 targets x 4 read-outs: panels in a wide grid
-  assert table.save_table_figure(str(tmp_path / "none.png"), summary, n=99) is None
+  assert table.save_table_figure(str(tmp_path / "none.png"), summary, n=99, rows=tuple(sets.ROWS)) is None
   assert not (tmp_path / "none.png").exists()
 
 
 def test_add_runs_merges_without_duplicates_or_losses(tmp_path):
   path = str(tmp_path / "table.json")
   runs = _runs()
-  assert table.add_runs(path, runs[:5])["runs"] == runs[:5]
-  merged = table.add_runs(path, runs[3:] + runs[:2])   # overlapping keys are not added twice
+  assert table_stage.add_runs(path, runs[:5])["runs"] == runs[:5]
+  merged = table_stage.add_runs(path, runs[3:] + runs[:2])   # overlapping keys are not added twice
   assert merged["runs"] == runs
   # Writers in parallel (one lock per open file, so threads contend like processes).
   extra = [dict(r, seed=100 + i) for i, r in enumerate(runs * 4)]
   chunks = [extra[i::4] for i in range(4)]
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    list(pool.map(lambda chunk: [table.add_runs(path, [r]) for r in chunk], chunks))
+    list(pool.map(lambda chunk: [table_stage.add_runs(path, [r]) for r in chunk], chunks))
   final = json.loads((tmp_path / "table.json").read_text())["runs"]
   assert len(final) == len(runs) + len(extra)
-  assert sorted(map(table._key, final)) == sorted(map(table._key, runs + extra))
+  assert sorted(map(table.run_key, final)) == sorted(map(table.run_key, runs + extra))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -123,7 +125,7 @@ def test_add_runs_merges_without_duplicates_or_losses(tmp_path):
 ])
 def test_plan_rejects_bad_settings(override, message):
   with pytest.raises(DistillError, match=message):
-    table.plan(load_config(SMOKE, [override]))
+    table_stage.plan(load_config(SMOKE, [override]))
 
 
 ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
@@ -170,7 +172,7 @@ def test_table_has_every_entry_and_output(small_table):
     assert png.format == "PNG" and png.size[0] > 500 and png.size[1] > 200
   for built in ("kip_n12", "frepo_n12", "kmeans_n12", "random_n12_seed0"):
     assert (workdir / "sets" / f"{built}.npz").exists()
-  assert export.load_synthetic(str(workdir / "sets" / "frepo_n12.npz")).targets.shape == (12, 3)
+  assert synthetic_set.load_synthetic(str(workdir / "sets" / "frepo_n12.npz")).targets.shape == (12, 3)
 
 
 def test_table_resumes_without_redoing_work_and_accepts_a_new_seed(small_table):
@@ -194,7 +196,7 @@ def test_a_changed_protocol_setting_is_refused(small_table, capsys):
 def test_size_sweep_plan_and_plot(tmp_path):
   config = load_config(SMOKE, ["eval.sizes=(6, 12, 24)", "eval.rows=('none','krr_st')",
                                f"eval.results_path={tmp_path / 'r'}"])
-  jobs = table.plan(config)
+  jobs = table_stage.plan(config)
   assert [(j.n, j.rows, j.readouts) for j in jobs] == [
       (12, ("none", "krr_st"), tuple(config.eval.readouts)),
       (6, ("random", "krr_st"), ("linear_probe",)),
@@ -203,6 +205,6 @@ def test_size_sweep_plan_and_plot(tmp_path):
                accuracy=0.5 + n / 100, set_seconds=0.0, pretrain_seconds=0.0,
                readout_seconds=0.0)
           for row in ("random", "krr_st") for n in (6, 12, 24) for s in (0, 1)]
-  table.write_outputs({"runs": runs}, config, str(tmp_path))
+  table_stage.write_outputs({"runs": runs}, config, str(tmp_path))
   assert (tmp_path / "r_size_sweep.png").stat().st_size > 0
   assert "| krr_st | 24 | 74.00 ± 0.00 |" in (tmp_path / "r.md").read_text()

@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import augment, teacher as teacher_lib, transfer
 from distill.config import base_config
+from distill.data import augment
 from distill.errors import DistillError
-from distill.models import build_model, extract_features
+from distill.eval import transfer
+from distill.methods import barlow_twins
+from distill.nn.models import build_model, extract_features
 
 
 def test_barlow_twins_loss_closed_forms():
@@ -17,15 +19,15 @@ def test_barlow_twins_loss_closed_forms():
   x = r.normal(size=(64, 8))
   q, _ = np.linalg.qr(x - x.mean(0))  # centred, orthogonal columns
   z = jnp.asarray(q, jnp.float32)
-  assert float(teacher_lib.barlow_twins_loss(z, z, 5e-3)) < 1e-4
+  assert float(barlow_twins.barlow_twins_loss(z, z, 5e-3)) < 1e-4
   # Independent views: C_ii ~ N(0, 1/B), so the invariance term is
   # k - 2 sum C_ii + O(k/B) = 8 with standard deviation 2 sqrt(k/B) ~ 0.09.
   a, b = (jnp.asarray(r.normal(size=(4096, 8))) for _ in range(2))
-  loss = float(teacher_lib.barlow_twins_loss(a, b, 0.0))
+  loss = float(barlow_twins.barlow_twins_loss(a, b, 0.0))
   assert abs(loss - 8.0) < 0.35
   # Redundancy: two identical columns add 2 * lambda per off-diagonal 1.
   dup = jnp.concatenate([z[:, :1], z], axis=1)
-  assert float(teacher_lib.barlow_twins_loss(dup, dup, 0.5)) == pytest.approx(1.0, abs=1e-3)
+  assert float(barlow_twins.barlow_twins_loss(dup, dup, 0.5)) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("name,dim", [("convnet", 4 * 4 * 8), ("resnet10", 8 * 8),

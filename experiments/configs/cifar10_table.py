@@ -5,7 +5,7 @@ Debian's dataset-fashion-mnist installed; ~2 h on 2 CPU cores):
   distill teacher --config experiments/configs/cifar10_table.py --workdir runs/c10t30
   distill table   --config experiments/configs/cifar10_table.py --workdir runs/c10t30
 
-Protocol (distill/transfer.py): a set pretrains a fresh width-32 ConvNet by
+Protocol (distill/eval/transfer.py): a set pretrains a fresh width-32 ConvNet by
 MSE on its targets without augmentation (SGD lr 0.1 constant, momentum 0.9,
 wd 1e-3, batch 256, 1000 epochs; targets centred and scaled to unit overall
 std); `full` regresses the teacher on all 10k source images for 30 epochs
@@ -66,7 +66,7 @@ def get_config(variant: str = ""):
     c.eval.sizes = (500, 1000)
     c.eval.readouts = ("linear_probe",)
     c.eval.archs = ()
-    c.distill.steps = 300
+    c.krr_st.steps = 300
     c.eval.results_path = os.path.normpath(os.path.join(HERE, "..", "results",
                                                         "cifar10_size_sweep"))
   elif variant:

@@ -40,24 +40,24 @@ def get_config(variant: str = ""):
   # image each feature fired.
   c.teacher.representation = "features"
 
-  c.distill.num_synthetic = 100
-  c.distill.steps = 600
-  c.distill.batch_size = 256
-  c.distill.lr_images = 1e-3
-  c.distill.lr_targets = 1e-3
-  c.distill.reg = 1e-3
-  c.distill.reg_scaling = "trace_over_n"
-  c.distill.pool.size = 4
-  c.distill.pool.max_age = 100
+  c.krr_st.num_synthetic = 100
+  c.krr_st.steps = 600
+  c.krr_st.batch_size = 256
+  c.krr_st.lr_images = 1e-3
+  c.krr_st.lr_targets = 1e-3
+  c.krr_st.reg = 1e-3
+  c.krr_st.reg_scaling = "trace_over_n"
+  c.krr_st.pool.size = 4
+  c.krr_st.pool.max_age = 100
   # At 2-CPU scale the pool is the constant-width instance-norm ConvNet (the
   # paper's 128-256-512 batch-norm pool costs ~40x the multiply-adds).
-  c.distill.pool.arch.widths = ()
-  c.distill.pool.arch.norm = "instance"
-  c.distill.pool.arch.width = 32
-  c.distill.pool.weight_decay = 0.0
-  c.distill.pool.lr = 0.01
-  c.distill.log_every = 50
-  c.distill.checkpoint_every = 200
+  c.krr_st.pool.arch.widths = ()
+  c.krr_st.pool.arch.norm = "instance"
+  c.krr_st.pool.arch.width = 32
+  c.krr_st.pool.weight_decay = 0.0
+  c.krr_st.pool.lr = 0.01
+  c.krr_st.log_every = 50
+  c.krr_st.checkpoint_every = 200
 
   # The official pretraining recipe (MSE, no augmentation, SGD lr 0.1
   # constant, momentum 0.9, wd 1e-3: base_config) for 300 epochs instead of
@@ -77,15 +77,15 @@ def get_config(variant: str = ""):
     c.teacher.projector = (32, 32)
     c.teacher.epochs = 2
     c.teacher.batch_size = 32
-    c.distill.num_synthetic = 12
-    c.distill.steps = 6
-    c.distill.batch_size = 32
-    c.distill.pool.size = 2
-    c.distill.pool.max_age = 3
-    c.distill.pool.arch.width = 8
-    c.distill.pool.arch.depth = 2
-    c.distill.log_every = 2
-    c.distill.checkpoint_every = 3
+    c.krr_st.num_synthetic = 12
+    c.krr_st.steps = 6
+    c.krr_st.batch_size = 32
+    c.krr_st.pool.size = 2
+    c.krr_st.pool.max_age = 3
+    c.krr_st.pool.arch.width = 8
+    c.krr_st.pool.arch.depth = 2
+    c.krr_st.log_every = 2
+    c.krr_st.checkpoint_every = 3
     c.pretrain.arch.width = 8
     c.pretrain.arch.depth = 2
     c.pretrain.epochs = 2

@@ -9,7 +9,7 @@ representation g(x) of real images x well:
 
 with K on [f(.), 1]. The gradient flows into X_s (through K_ss and K_ts) and
 into Y_s; real-image features carry none. f is the pool model in eval mode
-(BatchNorm with its running statistics, see distill/pool.py) for both the
+(BatchNorm with its running statistics, see distill/methods/pool.py) for both the
 real and the synthetic images; only the inner step uses batch statistics.
 
 The method is a small object with `init` and a jitted pure `step`:
@@ -31,21 +31,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from distill import augment, pool as pool_lib, teacher as teacher_lib
-from distill.models import build_model
+from distill.data import augment
+from distill.methods import barlow_twins, pool as pool_lib
+from distill.nn.models import build_model
+from distill.nn.optim import outer_optimizer
 from kernels.ridge import krr_predict, with_bias
-
-
-def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam(W) on images and targets, each with its own linearly decaying lr."""
-  def adam(lr):
-    schedule = optax.linear_schedule(lr, 0.0, max(cfg.steps, 1))
-    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
-  tx = optax.multi_transform({"images": adam(cfg.lr_images), "targets": adam(cfg.lr_targets)},
-                             {"images": "images", "targets": "targets"})
-  if cfg.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-  return tx
 
 
 def krr_outer_loss(features_fn, params, synthetic: dict, phi_real: jax.Array,
@@ -120,7 +110,7 @@ class KRRST:
 
   def real_views(self, rng, batch_uint8):
     """(B, H, W, C) uint8 -> normalised, optionally augmented float images."""
-    x = (batch_uint8.astype(jnp.float32) / 255.0 - self.mean) / self.std
+    x = augment.normalize_batch(batch_uint8, self.mean, self.std)
     return augment.random_crop_flip(rng, x) if self.cfg.augment_real else x
 
   def _step(self, state: dict, batch, rng: jax.Array, teacher_vars):
@@ -137,7 +127,7 @@ class KRRST:
     if self.teacher_model is None:
       target_real = jax.nn.one_hot(labels, num_classes)
     else:
-      target_real = teacher_lib.represent(self.teacher_model, teacher_vars, x_real,
+      target_real = barlow_twins.represent(self.teacher_model, teacher_vars, x_real,
                                           self.representation)
     phi_real = with_bias(self.member_features(member, x_real))
     loss_fn = functools.partial(krr_outer_loss, self.member_features, member,

@@ -3,7 +3,7 @@
 This module is the public data API: `ArrayDataset`, `load_dataset`, the
 on-disk cache of decoded datasets, and preprocessing (`channel_stats`,
 `normalize`, `denormalize`, `subsample`, `match_format`). The readers for
-each source format are in `distill.sources`.
+each source format are in `distill.data.sources`.
 
 `load_dataset(source, split)` understands, checked in this order:
 
@@ -48,16 +48,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from distill import files, sources
-from distill.errors import DistillError, one_line
-# Defined next to the readers that build datasets (which this module imports,
-# so they cannot import it); part of this module's API all the same.
-from distill.sources import ArrayDataset
+from distill import files
+from distill.data import sources
+from distill.data.sources import ArrayDataset  # built by the readers; re-exported here
+from distill.errors import DistillError
 
-IMAGE_EXTENSIONS = sources.IMAGE_EXTENSIONS
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 # Bump when the decoded content for the same input would change, including
-# any change to how the readers in `distill.sources` decode images.
+# any change to how the readers in `distill.data.sources` decode images.
 _CACHE_VERSION = 1
 
 
@@ -82,41 +79,11 @@ def load_dataset(source: str, split: str = "train", *,
     DistillError: the source does not exist, cannot be read, is empty for
       this split, or holds images of inconsistent size or channels.
   """
-  if source.startswith("tfds:"):
-    return sources.load_tfds(source[len("tfds:"):], split, data_dir)
-  path = os.path.expanduser(source)
-  if os.path.isdir(path):
-    try:
-      idx = sources.find_idx(path, split)
-      if idx is not None:
-        return sources.load_idx(path, split, *idx)
-      files = sources.list_folder(path, split)
-      key = _cache_key(os.path.abspath(path), "folder",
-                       *sources.folder_key(path, files), split)
-    except OSError as e:
-      raise DistillError(
-          f"cannot read dataset folder {path}: {one_line(e)}") from e
-    return _cached(cache_dir, path, split, key,
-                   lambda: sources.decode_folder(path, split, files))
-  if os.path.isfile(path):
-    lower = path.lower()
-    if lower.endswith(ARCHIVE_SUFFIXES):
-      st = os.stat(path)
-      key = _cache_key(os.path.abspath(path), "archive", st.st_size,
-                       st.st_mtime_ns, split)
-      return _cached(cache_dir, path, split, key,
-                     lambda: sources.decode_archive(path, split))
-    if lower.endswith(".npz"):
-      return sources.load_npz(path, split)
-    raise DistillError(
-        f"unsupported dataset file {path}: expected a folder, .npz, .tar, "
-        ".tar.gz or .tgz")
-  if _looks_like_path(source):
-    hint = ""
-    if not source.startswith(("/", ".", "~")) and source.count("/") == 1:
-      hint = f" (for a TFDS name with a config write tfds:{source})"
-    raise DistillError(f"dataset path does not exist: {path}{hint}")
-  return sources.load_tfds(source, split, data_dir)
+  resolved = sources.resolve(source, split, data_dir)
+  if resolved.cache_key is None:
+    return resolved.read()
+  return _cached(cache_dir, resolved.path, split, _cache_key(*resolved.cache_key, split),
+                 resolved.read)
 
 
 # ---------------------------------------------------------------- statistics
@@ -330,9 +297,3 @@ def _check_mean_std(mean, std, channels: int) -> tuple[np.ndarray, np.ndarray]:
   if not (std > 0).all():
     raise DistillError(f"std must be positive, got {std.tolist()}")
   return mean, std
-
-
-def _looks_like_path(source: str) -> bool:
-  seps = [os.sep] + ([os.altsep] if os.altsep else [])
-  return (any(s in source for s in seps) or source.startswith(("~", "."))
-          or source.lower().endswith((".npz",) + ARCHIVE_SUFFIXES))

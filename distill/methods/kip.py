@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from distill import augment
-from distill.krr_st import outer_optimizer
+from distill.data import augment
+from distill.errors import DistillError
+from distill.nn.optim import outer_optimizer
 from kernels.ntk import convnet_kernel_fn
 from kernels.ridge import krr_predict_kernel
 
@@ -69,7 +70,10 @@ class KIP:
     self.cfg = cfg
     self.mean = jnp.asarray(mean, jnp.float32)
     self.std = jnp.asarray(std, jnp.float32)
-    kernel_fn = convnet_kernel_fn(depth=cfg.depth, pool=cfg.pool)
+    try:
+      kernel_fn = convnet_kernel_fn(depth=cfg.depth, pool=cfg.pool)
+    except ValueError as e:  # the kernels name the argument; the config names the key
+      raise DistillError(f"kip: {e}") from e
     f = cfg.downsample
 
     def downsampled(x1, x2=None, get="ntk"):
@@ -89,7 +93,7 @@ class KIP:
   def _step(self, state: dict, batch, rng: jax.Array):
     cfg = self.cfg
     images_uint8, labels = batch
-    x_real = (images_uint8.astype(jnp.float32) / 255.0 - self.mean) / self.std
+    x_real = augment.normalize_batch(images_uint8, self.mean, self.std)
     if cfg.augment_real:
       x_real = augment.random_crop_flip(rng, x_real)
     y_real = jax.nn.one_hot(labels, state["synthetic"]["targets"].shape[-1])

@@ -18,14 +18,13 @@ drawn at random: the baseline at the same ratio.
 Artefact `<workdir>/source_pruning.npz` (written atomically): `method`,
 `keep_fraction`, `votes` (G,), `kept_groups` (K,) best first, `indices` (M,)
 sorted, `groups` (N,), `source` and `config` (JSON). Indices refer to the
-source as `pipeline.load_source(config)` returns it (after the seeded
+source as `artefacts.load_source(config)` returns it (after the seeded
 `data.num_source` subsampling).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import NamedTuple
 
 import jax
@@ -33,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, data, files
+from distill import files
+from distill.data import augment
 from distill.errors import DistillError
-from distill.loop import batch_indices, log, run_loop
-from distill.models import build_model, extract_features, gradient_step, init_model
+from distill.nn.loop import batch_indices, run_loop
+from distill.nn.models import build_model, extract_features, gradient_step, init_model
+from distill.selection import coresets
 
 METHODS = ("lm", "fm", "random")
 GROUPINGS = ("auto", "labels", "kmeans")
@@ -155,8 +156,7 @@ def source_groups(labels: np.ndarray | None, features_fn, mode: str, num_cluster
   if mode == "labels" or (mode == "auto" and labels is not None):
     labels = np.asarray(labels, np.int64)
     return labels.astype(np.int32), int(labels.max()) + 1
-  from distill.select import kmeans  # k-means lives with the coreset baselines
-  _, assignment = kmeans(features_fn(), num_clusters, seed)
+  _, assignment = coresets.kmeans(features_fn(), num_clusters, seed)
   return assignment.astype(np.int32), num_clusters
 
 
@@ -220,54 +220,3 @@ def load_pruning(path: str) -> PruningResult:
                            f["groups"], float(f["keep_fraction"]))
   except (OSError, KeyError, ValueError) as e:
     raise DistillError(f"cannot read source pruning file {path}: {e}") from e
-
-
-def run_prune_source(config, workdir: str) -> PruningResult:
-  """Scores source groups with the target and writes `<workdir>/source_pruning.npz`.
-
-  Needs `<workdir>/teacher` only when the groups are k-means clusters.
-  """
-  from distill import pipeline  # the stage helpers import most of the library
-  from distill.teacher import workdir_teacher
-  cfg = config.selection.prune
-  out_path = os.path.join(workdir, ARTEFACT)
-  if os.path.exists(out_path):
-    return load_pruning(out_path)
-  if cfg.method not in METHODS:
-    raise DistillError(f"unknown selection.prune.method {cfg.method!r}; expected one of {METHODS}")
-  num_kept_groups(2, cfg.keep_fraction)  # validates the fraction before any work
-  source = pipeline.load_source(config)
-  mean, std = data.channel_stats(source.images)
-  x_source = data.normalize(source.images, mean, std)
-
-  def teacher_features():
-    teacher = workdir_teacher(config, workdir)
-    return teacher.features(data.normalize(source.images, teacher.mean, teacher.std))
-
-  groups, num_groups = source_groups(source.labels, teacher_features, cfg.groups,
-                                     cfg.num_clusters, config.seed)
-  meta = dict(source=source.name, num_source=len(groups), num_groups=num_groups,
-              config=json.loads(json.dumps(config.to_dict())))
-  if cfg.method == "random":
-    result = random_group_pruning(groups, num_groups, cfg.keep_fraction, config.seed)
-  else:
-    target = data.load_dataset(config.data.target, config.data.target_train_split,
-                               cache_dir=config.data.cache_dir or None,
-                               data_dir=config.data.data_dir or None)
-    target = data.subsample(target, config.data.num_target_train, config.seed)
-    images = data.match_format(target.images, source.images.shape[1], source.images.shape[3])
-    x_target = data.normalize(images, mean, std)
-    log(f"[prune_source] surrogate {cfg.surrogate.name} on {len(groups)} source images, "
-        f"{num_groups} groups; {len(x_target)} target images vote ({cfg.method})")
-    model, variables = train_surrogate(cfg, x_source, groups, num_groups, config.seed, workdir)
-    target_features, target_logits = surrogate_outputs(model, variables, x_target)
-    # Both votes are cheap once the surrogate exists; both are recorded.
-    votes = {"lm": lm_votes(target_logits),
-             "fm": fm_votes(target_features, extract_features(model, variables, x_source),
-                            groups, num_groups)}
-    result = prune_by_votes(cfg.method, votes[cfg.method], groups, cfg.keep_fraction)
-    meta.update(target=target.name, votes={k: v.tolist() for k, v in votes.items()})
-  save_pruning(out_path, result, meta)
-  log(f"[prune_source] kept groups {result.kept_groups.tolist()} ({len(result.indices)} of "
-      f"{len(groups)} images); votes {result.votes.tolist()}; wrote {out_path}")
-  return result

@@ -1,4 +1,4 @@
-"""The format readers behind `distill.data.load_dataset`.
+"""The format readers behind `distill.data.datasets.load_dataset`.
 
 Each reader turns one kind of source into an `ArrayDataset`:
 
@@ -32,7 +32,7 @@ import tarfile
 import warnings
 import zipfile
 import zlib
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -98,6 +98,69 @@ class ArrayDataset:
 
 
 # ---------------------------------------------------------------------- IDX
+
+
+class Resolved(NamedTuple):
+  """How to read one split of a dataset named by the user.
+
+  Attributes:
+    read: `() -> ArrayDataset`, decoding the split.
+    path: the expanded path (or the TFDS name).
+    cache_key: what identifies the decoded content (path, kind, sizes,
+      mtimes) for a source slow to decode (folders, archives); None for one
+      read directly (IDX, .npz, TFDS).
+  """
+  read: Callable[[], "ArrayDataset"]
+  path: str
+  cache_key: tuple | None = None
+
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def resolve(source: str, split: str, data_dir: str | None) -> Resolved:
+  """Which reader a source name calls for (see `datasets.load_dataset` for the order).
+
+  Raises:
+    DistillError: a path that does not exist, an unsupported file, an
+      unreadable folder.
+  """
+  if source.startswith("tfds:"):
+    name = source[len("tfds:"):]
+    return Resolved(lambda: load_tfds(name, split, data_dir), name)
+  path = os.path.expanduser(source)
+  if os.path.isdir(path):
+    try:
+      idx = find_idx(path, split)
+      if idx is not None:
+        return Resolved(lambda: load_idx(path, split, *idx), path)
+      listing = list_folder(path, split)
+      key = (os.path.abspath(path), "folder", *folder_key(path, listing))
+    except OSError as e:
+      raise DistillError(f"cannot read dataset folder {path}: {one_line(e)}") from e
+    return Resolved(lambda: decode_folder(path, split, listing), path, key)
+  if os.path.isfile(path):
+    lower = path.lower()
+    if lower.endswith(ARCHIVE_SUFFIXES):
+      st = os.stat(path)
+      key = (os.path.abspath(path), "archive", st.st_size, st.st_mtime_ns)
+      return Resolved(lambda: decode_archive(path, split), path, key)
+    if lower.endswith(".npz"):
+      return Resolved(lambda: load_npz(path, split), path)
+    raise DistillError(f"unsupported dataset file {path}: expected a folder, .npz, .tar, "
+                       ".tar.gz or .tgz")
+  if _looks_like_path(source):
+    hint = ""
+    if not source.startswith(("/", ".", "~")) and source.count("/") == 1:
+      hint = f" (for a TFDS name with a config write tfds:{source})"
+    raise DistillError(f"dataset path does not exist: {path}{hint}")
+  return Resolved(lambda: load_tfds(source, split, data_dir), source)
+
+
+def _looks_like_path(source: str) -> bool:
+  seps = [os.sep] + ([os.altsep] if os.altsep else [])
+  return (any(s in source for s in seps) or source.startswith(("~", "."))
+          or source.lower().endswith((".npz",) + ARCHIVE_SUFFIXES))
 
 
 def find_idx(path: str, split: str) -> tuple[str, str | None] | None:

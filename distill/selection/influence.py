@@ -38,23 +38,20 @@ Scores of image i (all (N,)):
     (1 for an exact copy), with `nearest` the index of that image.
 
 Artefact `<workdir>/influence.npz` (atomic): those arrays plus `loss` (l_i),
-and `meta` (JSON). Indices follow `pipeline.load_source(config)`. Memory is
+and `meta` (JSON). Indices follow `artefacts.load_source(config)`. Memory is
 O(N V p): about 0.2 GB for 50k images, 2 views and 512 features.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import augment, files
+from distill.data import augment
 from distill.errors import DistillError
-from distill.loop import log
 from kernels.ridge import ridge_fit, with_bias
 
 ARTEFACT = "influence.npz"
@@ -168,45 +165,3 @@ def consistency_features(teacher, images: np.ndarray, num_views: int, key: jax.A
   views = np.concatenate(views)
   mu, sigma = clean.mean(0), clean.std(0) + 1e-6
   return (clean - mu) / sigma, (views - mu) / sigma
-
-
-def run_influence(config, workdir: str) -> dict:
-  """Scores every source image with the teacher in `<workdir>/teacher`.
-
-  Returns:
-    The arrays written to `<workdir>/influence.npz`.
-  """
-  from distill import data, pipeline  # stage helpers import most of the library
-  from distill.teacher import workdir_teacher
-  cfg = config.selection.influence
-  out_path = os.path.join(workdir, ARTEFACT)
-  if os.path.exists(out_path):
-    with np.load(out_path) as f:
-      return {k: f[k] for k in f.files}
-  teacher = workdir_teacher(config, workdir)
-  source = pipeline.load_source(config)
-  if source.images.shape[1:] != tuple(teacher.image_shape):
-    raise DistillError(f"source images {source.images.shape[1:]} do not match the teacher's "
-                       f"{tuple(teacher.image_shape)}")
-  images = data.normalize(source.images, teacher.mean, teacher.std)
-  log(f"[influence] {len(images)} images x {cfg.num_views} views, head on {teacher.dim} "
-      f"features")
-  key = jax.random.key(config.seed + 5)
-  clean, views = consistency_features(teacher, images, 2 * cfg.num_views, key, cfg.batch_size)
-  # The first half of the views fit the head; the second half measure L.
-  fit_views, eval_views = np.split(views, 2, axis=1)
-  scores = influence_scores(jnp.asarray(fit_views), jnp.asarray(clean),
-                            jnp.asarray(eval_views), float(cfg.reg))
-  if not bool(scores.pop("ok")):
-    raise DistillError("influence: the head's ridge solve failed; raise selection.influence.reg")
-  lam = float(scores.pop("lam"))
-  out = {k: np.asarray(v, np.float32) for k, v in scores.items()}
-  out["duplicate"], out["nearest"] = duplicate_scores(clean)
-  meta = dict(source=source.name, num_images=len(images), num_views=cfg.num_views,
-              reg=cfg.reg, lam=lam, feature_dim=teacher.dim)
-  files.write_atomic(out_path, lambda f: np.savez(f, meta=json.dumps(meta), **out))
-  for name in ("self_influence", "duplicate"):
-    top = np.argsort(-out[name], kind="stable")[:5]
-    log(f"[influence] highest {name}: " + ", ".join(f"#{i} ({out[name][i]:.3g})" for i in top))
-  log(f"[influence] wrote {out_path}")
-  return out

@@ -7,7 +7,7 @@
     kip      KIP with the ConvNet NTK: images + learned labels (supervised)
     frepo    FRePo-style KRR with the KRR-ST pool: images + learned labels
     krr_st   KRR-ST: images + learned teacher-space targets
-    iadd     importance-weighted parameter matching (distill/param_match.py)
+    iadd     importance-weighted parameter matching (distill/methods/param_match.py)
              against label-free experts that regress the teacher's
              representations: images + learned teacher-space targets
     mtt      the same with W = 1 (plain trajectory matching)
@@ -23,43 +23,32 @@ Set artefacts are `.npz` files under `<workdir>/sets/` (KRR-ST's main one is
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from distill import data, export, kip as kip_lib, select
 from distill.config import to_dict
+from distill.data import datasets, synthetic_set
 from distill.errors import DistillError
-from distill.loop import batch_indices, log, run_loop
-from distill import pipeline
-
-PARAM_MATCH = ("iadd", "mtt", "iadd_ce", "mtt_ce")
-ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", *PARAM_MATCH, "full", "teacher")
-LEARNED = ("kip", "frepo", "krr_st", *PARAM_MATCH)   # rows whose set is distilled
-
-# How each row's set is pretrained on: (target kind, loss); see
-# `transfer.pretrain`. Real images keep the teacher's targets (recomputed
-# per view if pretraining augments); learned teacher-space targets belong to
-# their images as they are; KIP and FRePo fit their labels by kernel ridge
-# regression, i.e. squared error, and are pretrained the same way; the "ce"
-# parameter-matching sets hold soft labels learned against cross-entropy
-# experts, and are pretrained by cross-entropy.
-RECIPES = {"random": ("teacher", "mse"), "kmeans": ("teacher", "mse"),
-           "full": ("teacher", "mse"), "krr_st": ("learned", "mse"),
-           "iadd": ("learned", "mse"), "mtt": ("learned", "mse"),
-           "kip": ("labels", "mse"), "frepo": ("labels", "mse"),
-           "iadd_ce": ("labels", "ce"), "mtt_ce": ("labels", "ce")}
+from distill.methods import kip as kip_lib
+from distill.nn.loop import batch_indices, log, run_loop
+from distill.selection import coresets
+from distill.stages.artefacts import save_set, source_features
+from distill.stages.krr_st import run_krr_st
+from distill.stages.param_match import run_experts, run_param_match
 
 
 def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
-              extra: dict | None = None) -> export.SyntheticSet:
+              extra: dict | None = None) -> synthetic_set.SyntheticSet:
   """Real images with teacher targets; `extra.seconds` counts from `t0` (perf_counter)."""
-  images = data.normalize(source.images[idx], teacher.mean, teacher.std)
+  images = datasets.normalize(source.images[idx], teacher.mean, teacher.std)
   targets = teacher.features(images)
   seconds = time.perf_counter() - t0
-  return export.SyntheticSet(
+  return synthetic_set.SyntheticSet(
       images=images, targets=targets,
       labels=None if source.labels is None else source.labels[idx].astype(np.int32),
       method=method, source=source.name, teacher="barlow_twins", image_mean=teacher.mean,
@@ -67,55 +56,47 @@ def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
       extra=dict(seconds=seconds, indices=idx.tolist(), **(extra or {})))
 
 
-def random_set(config, workdir: str, n: int, seed: int, source, teacher) -> export.SyntheticSet:
+def random_set(config, workdir: str, n: int, seed: int, source, teacher
+               ) -> synthetic_set.SyntheticSet:
   """n random real images with teacher targets; one subset per evaluation seed."""
   path = os.path.join(workdir, "sets", f"random_n{n}_seed{seed}.npz")
   if os.path.exists(path):
-    return export.load_synthetic(path)
+    return synthetic_set.load_synthetic(path)
   t0 = time.perf_counter()
-  idx = select.random_subset(len(source.images), n, 1000 + seed)
+  idx = coresets.random_subset(len(source.images), n, 1000 + seed)
   out = _real_set("random", idx, source, teacher, config, t0)
-  export.save_synthetic(path, out)
+  save_set(path, out, workdir, "random")
   return out
 
 
-def kmeans_set(config, workdir: str, n: int, source, teacher) -> export.SyntheticSet:
+def kmeans_set(config, workdir: str, n: int, seed: int, source, teacher
+               ) -> synthetic_set.SyntheticSet:
   """The real images nearest to n k-means centroids of the teacher's features."""
   path = os.path.join(workdir, "sets", f"kmeans_n{n}.npz")
   if os.path.exists(path):
-    return export.load_synthetic(path)
+    return synthetic_set.load_synthetic(path)
   t0 = time.perf_counter()
   features = source_features(source, teacher)
-  idx = select.kmeans_coreset(features, n, config.seed)
+  idx = coresets.kmeans_coreset(features, n, config.seed)
   out = _real_set("kmeans", idx, source, teacher, config, t0)
-  export.save_synthetic(path, out)
-  export.save_image_grid(os.path.splitext(path)[0] + "_grid.png", out.images, out.image_mean,
-                         out.image_std)
-  log(f"[kmeans] wrote {path}")
+  save_set(path, out, workdir, "kmeans")
   return out
 
 
-def source_features(source, teacher) -> np.ndarray:
-  """(N, d) teacher features of the whole source, in chunks."""
-  chunks = [teacher.features(data.normalize(source.images[i:i + 2000], teacher.mean,
-                                            teacher.std))
-            for i in range(0, len(source.images), 2000)]
-  return np.concatenate(chunks)
-
-
-def kip_set(config, workdir: str, n: int, source, teacher) -> export.SyntheticSet:
+def kip_set(config, workdir: str, n: int, seed: int, source, teacher
+            ) -> synthetic_set.SyntheticSet:
   """KIP: class-balanced real init, then images and labels fitted with the NTK."""
   path = os.path.join(workdir, "sets", f"kip_n{n}.npz")
   if os.path.exists(path):
-    return export.load_synthetic(path)
+    return synthetic_set.load_synthetic(path)
   if source.labels is None:
     raise DistillError(f"the kip row needs a labelled source; {source.name} has no labels")
   cfg = config.kip
   t0 = time.perf_counter()
-  idx = select.class_balanced_subset(source.labels, n, config.seed)
+  idx = coresets.class_balanced_subset(source.labels, n, config.seed)
   num_classes = int(source.labels.max()) + 1
   method = kip_lib.KIP(cfg, teacher.mean, teacher.std)
-  state = method.init(data.normalize(source.images[idx], teacher.mean, teacher.std),
+  state = method.init(datasets.normalize(source.images[idx], teacher.mean, teacher.std),
                       np.eye(num_classes, dtype=np.float32)[source.labels[idx]])
   num_source = len(source.images)
   batch_size = min(cfg.batch_size, num_source)
@@ -132,7 +113,7 @@ def kip_set(config, workdir: str, n: int, source, teacher) -> export.SyntheticSe
                             rng=jax.random.key(config.seed + 3), log_every=cfg.log_every,
                             checkpoint_every=max(cfg.steps // 4, 1),
                             hint=f"raise kip.reg (now {cfg.reg})")
-  out = export.SyntheticSet(
+  out = synthetic_set.SyntheticSet(
       images=np.asarray(state["synthetic"]["images"]),
       targets=np.asarray(state["synthetic"]["targets"]),
       labels=source.labels[idx].astype(np.int32), method="kip", source=source.name,
@@ -140,31 +121,17 @@ def kip_set(config, workdir: str, n: int, source, teacher) -> export.SyntheticSe
       config=to_dict(config), step=cfg.steps,
       extra=dict(seconds=time.perf_counter() - t0, init_indices=idx.tolist(),
                  final_loss=history[-1]["loss"] if history else None))
-  pipeline.save_set(path, out, workdir, name, history)
+  save_set(path, out, workdir, name, history)
   return out
 
 
-def learned_set(row: str, config, workdir: str, n: int, source, teacher
-                ) -> export.SyntheticSet:
-  """The distilled set of a LEARNED row at size n (built if missing)."""
-  if row == "krr_st":
-    return pipeline.run_krr_st(config, workdir, n)
-  if row == "frepo":
-    return pipeline.run_krr_st(config, workdir, n, supervised=True)
-  if row == "kip":
-    return kip_set(config, workdir, n, source, teacher)
-  if row in PARAM_MATCH:
-    return param_match_set(row, config, workdir, n)
-  raise DistillError(f"row {row!r} has no learned set")
-
-
-def param_match_set(row: str, config, workdir: str, n: int) -> export.SyntheticSet:
+def param_match_set(row: str, config, workdir: str, n: int, seed: int, source, teacher
+                    ) -> synthetic_set.SyntheticSet:
   """The parameter-matching set; trains the experts and distils if missing.
 
   The row names the method and the experts' objective ("_ce": supervised,
   otherwise label-free "mse"); `config.experts.objective` is not used here.
   """
-  from distill import experts, param_match  # loaded only when a table uses these rows
   if n != config.param_match.num_synthetic:
     raise DistillError(f"row {row!r}: param_match.num_synthetic is "
                        f"{config.param_match.num_synthetic}, the table needs n={n}")
@@ -173,5 +140,57 @@ def param_match_set(row: str, config, workdir: str, n: int) -> export.SyntheticS
   with cfg.unlocked():
     cfg.param_match.method = method
     cfg.experts.objective = objective or "mse"
-  experts.run_experts(cfg, workdir)
-  return param_match.run_param_match(cfg, workdir)
+  run_experts(cfg, workdir)
+  return run_param_match(cfg, workdir)
+
+
+class Row(NamedTuple):
+  """One row of the table.
+
+  Attributes:
+    build: `(config, workdir, n, seed, source, teacher) -> SyntheticSet`,
+      reading the set from `<workdir>` or building and saving it; None for a
+      reference without a set (none, teacher) and for `full` (the whole
+      source, never saved).
+    recipe: how a backbone is pretrained on the set, (target kind, loss) of
+      `transfer.pretrain`; None when nothing is pretrained.
+    learned: the set is distilled (images moved), not selected.
+  """
+  build: Callable | None
+  recipe: tuple[str, str] | None
+  learned: bool = False
+
+
+def _krr_st_set(config, workdir, n, seed, source, teacher, supervised=False):
+  return run_krr_st(config, workdir, n, supervised=supervised)
+
+
+# The registry, in table order. Recipes: real images keep the teacher's
+# targets (recomputed per view if pretraining augments); learned
+# teacher-space targets belong to their images as they are; KIP and FRePo
+# fit their labels by kernel ridge regression, i.e. squared error, and are
+# pretrained the same way; the "ce" parameter-matching sets hold soft labels
+# learned against cross-entropy experts, and are pretrained by cross-entropy.
+ROWS = {
+    "none": Row(None, None),
+    "random": Row(random_set, ("teacher", "mse")),
+    "kmeans": Row(kmeans_set, ("teacher", "mse")),
+    "kip": Row(kip_set, ("labels", "mse"), learned=True),
+    "frepo": Row(functools.partial(_krr_st_set, supervised=True), ("labels", "mse"),
+                 learned=True),
+    "krr_st": Row(_krr_st_set, ("learned", "mse"), learned=True),
+    **{name: Row(functools.partial(param_match_set, name),
+                 ("labels", "ce") if name.endswith("_ce") else ("learned", "mse"), learned=True)
+       for name in ("iadd", "mtt", "iadd_ce", "mtt_ce")},
+    "full": Row(None, ("teacher", "mse")),
+    "teacher": Row(None, None),
+}
+
+
+def build_set(row: str, config, workdir: str, n: int, seed: int, source, teacher
+              ) -> synthetic_set.SyntheticSet:
+  """The set of `row` at size n for evaluation seed `seed` (read, or built and saved)."""
+  if row not in ROWS or ROWS[row].build is None:
+    raise DistillError(f"row {row!r} has no set to build; rows with one: "
+                       f"{[r for r, spec in ROWS.items() if spec.build]}")
+  return ROWS[row].build(config, workdir, n, seed, source, teacher)

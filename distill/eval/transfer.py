@@ -29,10 +29,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from distill import augment, infobatch
+from distill.data import augment
 from distill.errors import DistillError
-from distill.loop import batch_indices, run_loop
-from distill.models import apply_model, build_model, gradient_step, init_model
+from distill.nn.loop import batch_indices, run_loop
+from distill.nn.models import apply_model, build_model, gradient_step, init_model
+from distill.selection import infobatch
 from kernels.ridge import ridge_fit, ridge_path, with_bias
 
 

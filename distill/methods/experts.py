@@ -39,10 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, files, infobatch, teacher as teacher_lib
+from distill import files
+from distill.data import augment
 from distill.errors import DistillError
-from distill.loop import batch_indices, log, run_loop
-from distill.models import build_model
+from distill.methods import barlow_twins
+from distill.nn.loop import batch_indices, run_loop
+from distill.nn.models import build_model
+from distill.selection import infobatch
 
 OBJECTIVES = ("ce", "mse")
 DTYPES = ("float32", "float16")
@@ -105,14 +108,14 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
   def step(state, batch, rng, stats, teacher_vars):
     images, labels, slot = batch[:3]
     mean, std = stats
-    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    x = augment.normalize_batch(images, mean, std)
     if augment_images:
       x = augment.random_crop_flip(rng, x)
     if objective == "ce":
       targets = jax.nn.one_hot(labels, model.num_outputs)
     else:
       # The teacher sees the same (augmented) view as the expert.
-      targets = jax.lax.stop_gradient(teacher_lib.represent(teacher_model, teacher_vars, x,
+      targets = jax.lax.stop_gradient(barlow_twins.represent(teacher_model, teacher_vars, x,
                                                             representation))
 
     def loss_fn(params):
@@ -306,36 +309,3 @@ def buffer_dir(workdir: str, objective: str) -> str:
     raise DistillError(f"unknown experts.objective {objective!r}; expected one of "
                        f"{OBJECTIVES}")
   return os.path.join(workdir, f"experts_{objective}")
-
-
-def run_experts(config, workdir: str) -> ExpertBuffer:
-  """Trains the experts of `config.experts` into `buffer_dir(workdir, objective)`; resumable."""
-  # Imported here: the pipeline module imports the stages.
-  from distill import data
-  from distill.pipeline import load_source
-  cfg = config.experts
-  directory = buffer_dir(workdir, cfg.objective)
-  if cfg.dtype not in DTYPES:
-    raise DistillError(f"unknown experts.dtype {cfg.dtype!r}; expected one of {DTYPES}")
-  source = load_source(config)
-  teacher = None
-  if cfg.objective == "ce":
-    if source.labels is None:
-      raise DistillError(f"experts.objective='ce' needs labels, but the source "
-                         f"{source.name!r} has none; use experts.objective='mse'")
-    num_outputs = len(source.class_names or ()) or int(source.labels.max()) + 1
-    mean, std = data.channel_stats(source.images)
-  else:
-    teacher = teacher_lib.workdir_teacher(config, workdir)
-    num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
-  log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
-      f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")
-  for e in range(cfg.num_experts):
-    path = os.path.join(directory, f"expert_{e:02d}.npz")
-    if os.path.exists(path):
-      continue
-    train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
-                 std, num_outputs, directory, e, config.seed, teacher=teacher,
-                 meta=dict(source=source.name))
-    log(f"[experts] wrote {path}")
-  return load_buffer(directory)

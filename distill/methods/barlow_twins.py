@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -26,9 +27,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from distill import augment, files
+from distill import files
+from distill.data import augment, datasets
 from distill.errors import DistillError
-from distill.models import build_model, gradient_step, init_model
+from distill.nn.loop import batch_indices, log, run_loop
+from distill.nn.models import apply_model, build_model, gradient_step, init_model
+from distill.selection import infobatch
 
 
 class _BatchStandardize(nn.Module):
@@ -83,7 +87,7 @@ def make_train_step(model: BarlowTwins, optimizer: optax.GradientTransformation,
   std = jnp.asarray(std, jnp.float32)
 
   def step(state, batch_uint8, rng):
-    x = (batch_uint8.astype(jnp.float32) / 255.0 - mean) / std
+    x = augment.normalize_batch(batch_uint8, mean, std)
     k1, k2 = jax.random.split(rng)
     views = jnp.concatenate([augment.ssl_augment(k1, x, mean, std),
                              augment.ssl_augment(k2, x, mean, std)])
@@ -106,6 +110,149 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
 def init_state(model: BarlowTwins, optimizer, rng, image_shape) -> dict:
   variables = init_model(model, rng, image_shape)
   return {"variables": variables, "opt_state": optimizer.init(variables["params"])}
+
+
+def weighted_barlow_twins_loss(z1: jax.Array, z2: jax.Array, weights: jax.Array,
+                               lambda_offdiag: float):
+  """Barlow Twins loss with per-sample weights, and per-sample scores.
+
+  Barlow Twins' loss is a function of the batch cross-correlation C, not a
+  sum over samples. Each sample enters C through the outer product of its
+  standardised projections a_i, b_i, so a weight rescales that contribution:
+  C = sum_i w_i a_i b_i^T / sum_i w_i (with w = 1 this is exactly
+  `barlow_twins_loss`). The standardisation stays unweighted.
+
+  The per-sample score is ||a_i - b_i||^2, the sample's share of the
+  invariance term: sum_i ||a_i - b_i||^2 / (2B) ~= sum_k (1 - C_kk) since
+  every column of a and b has unit variance.
+
+  Args:
+    z1, z2: (B, k) projections of the two views. weights: (B,) loss weights.
+
+  Returns:
+    (scalar loss, (B,) per-sample scores).
+  """
+  standardize = lambda z: (z - z.mean(0)) / (z.std(0) + 1e-5)
+  a, b = standardize(z1), standardize(z2)
+  c = (a * weights[:, None]).T @ b / jnp.sum(weights)
+  diag = jnp.diagonal(c)
+  on = jnp.sum((1.0 - diag) ** 2)
+  off = jnp.sum(c ** 2) - jnp.sum(diag ** 2)
+  return on + lambda_offdiag * off, jnp.sum((a - b) ** 2, -1)
+
+
+def make_infobatch_train_step(model, optimizer, mean, std, lambda_offdiag: float, lr_fn):
+  """Jitted `(state, batch, rng) -> (state, metrics)` for weighted Barlow Twins.
+
+  state: {"variables", "opt_state" (optax.inject_hyperparams), "scores" (N,)}.
+  batch: (images uint8 (B,H,W,C), indices (B,), weights (B,), progress ()).
+  The learning rate is `lr_fn(progress)`; the batch's scores are scattered
+  into state["scores"].
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def step(state, batch, rng):
+    images, indices, weights, progress = batch
+    x = augment.normalize_batch(images, mean, std)
+    k1, k2 = jax.random.split(rng)
+    views = jnp.concatenate([augment.ssl_augment(k1, x, mean, std),
+                             augment.ssl_augment(k2, x, mean, std)])
+
+    def loss_fn(params):
+      variables = {**state["variables"], "params": params}
+      (_, z), variables = apply_model(model, variables, views, train=True)
+      z1, z2 = jnp.split(z, 2)
+      loss, scores = weighted_barlow_twins_loss(z1, z2, weights, lambda_offdiag)
+      return loss, (variables, scores)
+
+    params = state["variables"]["params"]
+    (loss, (variables, scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    lr = lr_fn(progress)
+    opt_state = infobatch.with_learning_rate(state["opt_state"], lr)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    variables = {**variables, "params": optax.apply_updates(params, updates)}
+    new_state = {"variables": variables, "opt_state": opt_state,
+                 "scores": infobatch.update(state["scores"], indices, scores)}
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def train(cfg: ml_collections.ConfigDict, images: np.ndarray, seed: int, workdir: str,
+          name: str = "teacher") -> tuple[dict, list[dict], int]:
+  """Trains Barlow Twins on unlabelled images; resumable.
+
+  Args:
+    cfg: the `teacher` config section.
+    images: (N, H, W, C) uint8 source images.
+    seed: initialisation, batch order and augmentation draws derive from it.
+    workdir, name: checkpoints and metrics go to `<workdir>/<name>/` (`run_loop`).
+
+  Returns:
+    (Barlow Twins variables, per-log-point metrics, optimiser steps).
+  """
+  n, image_shape = len(images), images.shape[1:]
+  mean, std = datasets.channel_stats(images)
+  batch_size = min(cfg.batch_size, n)
+  num_steps = cfg.epochs * max(n // batch_size, 1)
+  log(f"[{name}] Barlow Twins {cfg.arch.name}: {n} images {image_shape}, {num_steps} steps")
+  model = build_barlow_twins(cfg)
+  optimizer = make_optimizer(cfg, num_steps)
+  state = init_state(model, optimizer, jax.random.key(seed), image_shape)
+  step = make_train_step(model, optimizer, mean, std, cfg.lambda_offdiag)
+  state, history = run_loop(
+      name=name, workdir=workdir, state=state, step_fn=step,
+      batch_fn=lambda i: images[batch_indices(seed, i, n, batch_size)],
+      num_steps=num_steps, rng=jax.random.key(seed + 1),
+      log_every=max(min(100, num_steps // 10), 1),
+      checkpoint_every=max(num_steps // 10, 1))
+  return state["variables"], history, num_steps
+
+
+def train_infobatch(cfg: ml_collections.ConfigDict, images: np.ndarray, seed: int,
+                    workdir: str, name: str = "teacher_infobatch") -> tuple[dict, dict]:
+  """Trains Barlow Twins with InfoBatch pruning (`cfg.infobatch`); resumable.
+
+  Runs through `infobatch.run_epochs` (a killed run resumes after the last
+  finished epoch); prune_ratio 0 is plain training through the same code.
+  The learning rate follows `make_optimizer`'s schedule, driven by progress
+  instead of step.
+
+  Args:
+    cfg: the `teacher` config section. images: (N, H, W, C) uint8.
+    seed: as `train`. workdir, name: where `run_epochs` keeps its state.
+
+  Returns:
+    (Barlow Twins variables, report with steps and the realised skipped share).
+  """
+  ib = cfg.infobatch
+  t0 = time.perf_counter()
+  n, image_shape = len(images), images.shape[1:]
+  batch_size = min(cfg.batch_size, n)
+  mean, std = datasets.channel_stats(images)
+  full_steps = infobatch.full_data_steps(n, batch_size, cfg.epochs)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, min(cfg.warmup_steps, max(full_steps // 10, 1)), max(full_steps, 2))
+  lr_fn = infobatch.progress_schedule(schedule, full_steps)
+  optimizer = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0,
+                                                    weight_decay=cfg.weight_decay)
+  model = build_barlow_twins(cfg)
+  state = init_state(model, optimizer, jax.random.key(seed), image_shape)
+  state["scores"] = infobatch.init_scores(n)
+  state, records, history = infobatch.run_epochs(
+      name=name, workdir=workdir, state=state,
+      step_fn=make_infobatch_train_step(model, optimizer, mean, std, cfg.lambda_offdiag, lr_fn),
+      make_batch=lambda idx, w, progress, _: (images[idx], jnp.asarray(idx), jnp.asarray(w),
+                                              jnp.float32(progress)),
+      num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
+      prune_ratio=ib.prune_ratio, delta=ib.delta, seed=seed)
+  report = dict(num_images=n, epochs=cfg.epochs, batch_size=batch_size,
+                prune_ratio=ib.prune_ratio, delta=ib.delta,
+                **infobatch.pruning_report(records, n, batch_size, cfg.epochs),
+                final_loss=history[-1]["loss"] if history else None,
+                train_seconds=time.perf_counter() - t0)
+  return state["variables"], report
 
 
 REPRESENTATIONS = ("features", "gap")
@@ -156,11 +303,16 @@ def _jitted_represent(model: nn.Module, kind: str):
   return jax.jit(lambda variables, x: represent(model, variables, x, kind))
 
 
+def backbone_variables(bt_variables: dict) -> dict:
+  """The backbone's part of a `BarlowTwins` model's variables (the projector dropped)."""
+  return {k: v["backbone"] for k, v in bt_variables.items() if "backbone" in v}
+
+
 def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
                  image_shape, info: dict) -> None:
   """Writes the backbone variables and metadata atomically."""
   os.makedirs(directory, exist_ok=True)
-  backbone = {k: v["backbone"] for k, v in bt_variables.items() if "backbone" in v}
+  backbone = backbone_variables(bt_variables)
   meta = dict(arch=dict(arch), mean=[float(m) for m in mean], std=[float(s) for s in std],
               image_shape=list(image_shape), info=info)
   files.write_atomic(os.path.join(directory, "variables.msgpack"),
@@ -195,8 +347,3 @@ def load_teacher(directory: str, representation: str = "features") -> Teacher:
 
 def build_barlow_twins(cfg: ml_collections.ConfigDict) -> BarlowTwins:
   return BarlowTwins(backbone=build_model(cfg.arch), projector=tuple(cfg.projector))
-
-
-def workdir_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
-  """The workdir's teacher, handing on the representation the config names."""
-  return load_teacher(os.path.join(workdir, "teacher"), config.teacher.representation)

@@ -25,8 +25,8 @@ budgets) from an assumed share of below-mean samples.
 
 `run_epochs` runs any jitted step that takes (indices, weights, progress)
 in its batch and scatters per-sample scores into `state["scores"]`.
-`train_teacher` wires it to Barlow Twins training (see
-`weighted_barlow_twins_loss` for the per-sample score it uses) and
+`barlow_twins.train_infobatch` wires it to Barlow Twins training (see
+`barlow_twins.weighted_barlow_twins_loss` for the per-sample score it uses),
 `transfer.finetune` to fine-tuning (`finetune.infobatch`; the score is the
 sample's cross-entropy) and `experts.train_expert` to expert training
 (`experts.infobatch`; the sample's CE or MSE).
@@ -34,7 +34,6 @@ sample's cross-entropy) and `experts.train_expert` to expert training
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import NamedTuple
@@ -42,13 +41,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from distill import augment, files, teacher as teacher_lib
-from distill.data import channel_stats
+from distill import files
 from distill.errors import DistillError
-from distill.loop import Checkpointer, log, run_loop
-from distill.models import apply_model
+from distill.nn.loop import Checkpointer, log, run_loop
 
 
 class EpochPlan(NamedTuple):
@@ -185,73 +181,6 @@ def progress_schedule(schedule, full_steps: int):
   return lambda progress: schedule(progress * full_steps)
 
 
-def weighted_barlow_twins_loss(z1: jax.Array, z2: jax.Array, weights: jax.Array,
-                               lambda_offdiag: float):
-  """Barlow Twins loss with per-sample weights, and per-sample scores.
-
-  Barlow Twins' loss is a function of the batch cross-correlation C, not a
-  sum over samples. Each sample enters C through the outer product of its
-  standardised projections a_i, b_i, so a weight rescales that contribution:
-  C = sum_i w_i a_i b_i^T / sum_i w_i (with w = 1 this is exactly
-  `teacher.barlow_twins_loss`). The standardisation stays unweighted.
-
-  The per-sample score is ||a_i - b_i||^2, the sample's share of the
-  invariance term: sum_i ||a_i - b_i||^2 / (2B) ~= sum_k (1 - C_kk) since
-  every column of a and b has unit variance.
-
-  Args:
-    z1, z2: (B, k) projections of the two views. weights: (B,) loss weights.
-
-  Returns:
-    (scalar loss, (B,) per-sample scores).
-  """
-  standardize = lambda z: (z - z.mean(0)) / (z.std(0) + 1e-5)
-  a, b = standardize(z1), standardize(z2)
-  c = (a * weights[:, None]).T @ b / jnp.sum(weights)
-  diag = jnp.diagonal(c)
-  on = jnp.sum((1.0 - diag) ** 2)
-  off = jnp.sum(c ** 2) - jnp.sum(diag ** 2)
-  return on + lambda_offdiag * off, jnp.sum((a - b) ** 2, -1)
-
-
-def make_teacher_step(model, optimizer, mean, std, lambda_offdiag: float, lr_fn):
-  """Jitted `(state, batch, rng) -> (state, metrics)` for weighted Barlow Twins.
-
-  state: {"variables", "opt_state" (optax.inject_hyperparams), "scores" (N,)}.
-  batch: (images uint8 (B,H,W,C), indices (B,), weights (B,), progress ()).
-  The learning rate is `lr_fn(progress)`; the batch's scores are scattered
-  into state["scores"].
-  """
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-
-  def step(state, batch, rng):
-    images, indices, weights, progress = batch
-    x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    k1, k2 = jax.random.split(rng)
-    views = jnp.concatenate([augment.ssl_augment(k1, x, mean, std),
-                             augment.ssl_augment(k2, x, mean, std)])
-
-    def loss_fn(params):
-      variables = {**state["variables"], "params": params}
-      (_, z), variables = apply_model(model, variables, views, train=True)
-      z1, z2 = jnp.split(z, 2)
-      loss, scores = weighted_barlow_twins_loss(z1, z2, weights, lambda_offdiag)
-      return loss, (variables, scores)
-
-    params = state["variables"]["params"]
-    (loss, (variables, scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    lr = lr_fn(progress)
-    opt_state = with_learning_rate(state["opt_state"], lr)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    variables = {**variables, "params": optax.apply_updates(params, updates)}
-    new_state = {"variables": variables, "opt_state": opt_state,
-                 "scores": update(state["scores"], indices, scores)}
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
-
-  return jax.jit(step, donate_argnums=0)
-
-
 def with_learning_rate(opt_state, lr):
   """`opt_state` of an `optax.inject_hyperparams` optimizer with its lr set to `lr`."""
   return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
@@ -336,55 +265,3 @@ def pruning_report(records: list[dict], num_samples: int, batch_size: int,
   return dict(steps=steps, full_data_steps=full, step_fraction=steps / full,
               skipped_fraction=sum(r["pruned"] for r in records) / (num_epochs * num_samples),
               pruned_per_epoch=[r["pruned"] for r in records])
-
-
-def train_teacher(config, workdir: str, images: np.ndarray, name: str = "teacher_infobatch"):
-  """Trains the Barlow Twins teacher with InfoBatch pruning; saves `workdir/teacher`.
-
-  Uses `config.teacher` (its `infobatch` section: prune_ratio, delta;
-  prune_ratio 0 is plain training through the same code), through
-  `run_epochs` (killed runs resume from the last finished epoch).
-
-  Args:
-    config: full config. workdir: job directory.
-    images: (N, H, W, C) uint8 unlabelled source images.
-
-  Returns:
-    (teacher.Teacher, report dict with steps and the realised skipped share).
-  """
-  cfg, ib = config.teacher, config.teacher.infobatch
-  directory = os.path.join(workdir, "teacher")
-  report_path = os.path.join(workdir, name, "report.json")
-  if os.path.exists(os.path.join(directory, "teacher.json")) and os.path.exists(report_path):
-    with open(report_path) as f:
-      return teacher_lib.load_teacher(directory), json.load(f)
-  t0 = time.perf_counter()
-  n, image_shape = len(images), images.shape[1:]
-  batch_size = min(cfg.batch_size, n)
-  mean, std = channel_stats(images)
-  full_steps = full_data_steps(n, batch_size, cfg.epochs)
-  # The schedule of `teacher.make_optimizer`, driven by progress instead of step.
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.lr, min(cfg.warmup_steps, max(full_steps // 10, 1)), max(full_steps, 2))
-  lr_fn = progress_schedule(schedule, full_steps)
-  optimizer = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0,
-                                                    weight_decay=cfg.weight_decay)
-  model = teacher_lib.build_barlow_twins(cfg)
-  state = teacher_lib.init_state(model, optimizer, jax.random.key(config.seed), image_shape)
-  state["scores"] = init_scores(n)
-  state, records, history = run_epochs(
-      name=name, workdir=workdir, state=state,
-      step_fn=make_teacher_step(model, optimizer, mean, std, cfg.lambda_offdiag, lr_fn),
-      make_batch=lambda idx, w, progress, _: (images[idx], jnp.asarray(idx), jnp.asarray(w),
-                                              jnp.float32(progress)),
-      num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
-      prune_ratio=ib.prune_ratio, delta=ib.delta, seed=config.seed)
-  report = dict(num_images=n, epochs=cfg.epochs, batch_size=batch_size,
-                prune_ratio=ib.prune_ratio, delta=ib.delta,
-                **pruning_report(records, n, batch_size, cfg.epochs),
-                final_loss=history[-1]["loss"] if history else None,
-                train_seconds=time.perf_counter() - t0)
-  teacher_lib.save_teacher(directory, cfg.arch.to_dict(), state["variables"], mean, std,
-                           image_shape, dict(infobatch=report))
-  files.write_json(report_path, report)
-  return teacher_lib.load_teacher(directory), report

@@ -16,7 +16,7 @@ Normalisation layers:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -229,7 +229,3 @@ def extract_features(model: nn.Module, variables: dict, images, batch_size: int 
   chunks = [np.asarray(apply(variables, jnp.asarray(images[i:i + batch_size])))
             for i in range(0, len(images), batch_size)]
   return np.concatenate(chunks).astype(np.float32)
-
-
-def num_params(variables: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(variables.get("params", variables)))

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import time
 
 import flax.linen as nn
 import flax.traverse_util
@@ -43,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill import augment, experts as experts_lib, export, plots
-from distill.config import to_dict
+from distill import plots
+from distill.data import augment
 from distill.errors import DistillError
-from distill.loop import log, run_loop
+from distill.methods import experts as experts_lib
 
 METHODS = ("iadd", "mtt")
 GRANULARITIES = ("parameter", "tensor")
@@ -335,116 +333,7 @@ def save_weight_plot(path: str, weights, title: str) -> str:
   return plots.save_figure(fig, path)
 
 
-def class_balanced_indices(labels: np.ndarray, n: int, num_classes: int,
-                           rng: np.random.Generator) -> np.ndarray:
-  """n indices, n // k per class (the first n % k classes get one more), by class."""
-  counts = np.full(num_classes, n // num_classes)
-  counts[:n % num_classes] += 1
-  chosen = []
-  for c, count in enumerate(counts):
-    pool = np.flatnonzero(labels == c)
-    if len(pool) < count:
-      raise DistillError(f"class {c} has {len(pool)} source images, fewer than the {count} "
-                         f"synthetic images it needs (param_match.num_synthetic={n})")
-    chosen.append(np.sort(rng.choice(pool, count, replace=False)))
-  return np.concatenate(chosen)
-
-
 def set_name(method: str, objective: str) -> str:
   """Name of a parameter-matching set (and its table row): "iadd" / "mtt" for
   label-free ("mse") experts, "iadd_ce" / "mtt_ce" for supervised ones."""
   return method if objective == "mse" else f"{method}_{objective}"
-
-
-def run_param_match(config, workdir: str) -> export.SyntheticSet:
-  """Distils the source by parameter matching into `<workdir>/synthetic_<name>.npz`.
-
-  Matches the buffer of `config.experts.objective`; `name` is `set_name(method,
-  objective)`.
-  """
-  # Imported here: the pipeline module imports the stages.
-  from distill import data, teacher as teacher_lib
-  from distill.pipeline import load_source
-  cfg = config.param_match
-  check_config(cfg)
-  name = set_name(cfg.method, config.experts.objective)
-  out_path = os.path.join(workdir, f"synthetic_{name}.npz")
-  if os.path.exists(out_path):
-    return export.load_synthetic(out_path)
-  buffer = experts_lib.load_buffer(experts_lib.buffer_dir(workdir, config.experts.objective))
-  check_config(cfg, buffer.epochs)
-  meta = buffer.meta
-  objective, num_outputs = meta["objective"], int(meta["num_outputs"])
-  if objective != config.experts.objective:
-    raise DistillError(f"the buffer in {experts_lib.buffer_dir(workdir, objective)} holds "
-                       f"{objective!r} experts, the config asks for {config.experts.objective!r}")
-  if not cfg.alpha_init:
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-      cfg.alpha_init = float(meta["lr"])
-  source = load_source(config)
-  n, num_source = cfg.num_synthetic, len(source.images)
-  if tuple(source.images.shape[1:]) != tuple(meta["image_shape"]):
-    raise DistillError(f"source images {source.images.shape[1:]} differ from the experts' "
-                       f"{tuple(meta['image_shape'])}")
-  if n > num_source:
-    raise DistillError(f"param_match.num_synthetic={n} is larger than the source "
-                       f"({num_source} images)")
-  t0 = time.perf_counter()
-  mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
-  rng = np.random.default_rng(config.seed)
-  if objective == "ce":
-    if source.labels is None:
-      raise DistillError(f"the experts were trained with 'ce' but the source {source.name!r} "
-                         f"has no labels")
-    init_idx = class_balanced_indices(source.labels, n, num_outputs, rng)
-    labels = source.labels[init_idx].astype(np.int32)
-    x0 = data.normalize(source.images[init_idx], mean, std)
-    y0, teacher_name = initial_soft_labels(labels, num_outputs), "source_labels"
-  else:
-    init_idx, labels = np.sort(rng.choice(num_source, n, replace=False)), None
-    teacher = teacher_lib.workdir_teacher(config, workdir)
-    if teacher.dim != num_outputs:
-      raise DistillError(f"teacher width {teacher.dim} differs from the experts' outputs "
-                         f"{num_outputs}")
-    x0 = data.normalize(source.images[init_idx], mean, std)
-    y0 = teacher.features(x0)
-    teacher_name = f"barlow_twins/{teacher.model.__class__.__name__.lower()}"
-  method = ParamMatch(cfg, experts_lib.expert_model(meta["arch"], num_outputs), objective)
-  state = method.init(jax.random.key(config.seed), x0, y0)
-  log(f"[param_match] {name}: n={n} synthetic images, {len(buffer.trajectories)} experts "
-      f"({objective}, {buffer.epochs} epochs), N={cfg.syn_steps} M={cfg.expert_epochs} "
-      f"max_start={cfg.max_start}, W per {cfg.granularity}, {cfg.steps} steps")
-  job = f"param_match_{name}"
-  state, history = run_loop(
-      name=job, workdir=workdir, state=state, step_fn=method.step,
-      batch_fn=lambda i: experts_lib.sample_checkpoints(
-          buffer, config.seed, i, cfg.max_start, cfg.expert_epochs)[2:],
-      num_steps=cfg.steps, rng=jax.random.key(config.seed + 4),
-      log_every=min(cfg.log_every, cfg.steps), checkpoint_every=cfg.checkpoint_every)
-  learned = jax.device_get(state["learned"])
-  template = buffer.checkpoint(0, 0)
-  weights = jax.device_get(method.weights(learned, template))
-  mask = (prune_mask(weights, template, cfg.prune_fraction) if cfg.prune_fraction else None)
-  synthetic = export.SyntheticSet(
-      images=np.asarray(learned["images"]), targets=np.asarray(method.targets(learned)),
-      labels=labels, method=name, source=source.name, teacher=teacher_name,
-      image_mean=mean, image_std=std, config=to_dict(config), step=cfg.steps,
-      extra=dict(alpha=float(np.exp(learned["log_alpha"])), objective=objective,
-                 granularity=cfg.granularity, weights=weight_summary(weights),
-                 kept_fraction=None if mask is None else float(
-                     weight_stats(weights, template, mask)["kept_fraction"]),
-                 num_experts=len(buffer.trajectories), buffer_epochs=buffer.epochs,
-                 seconds=time.perf_counter() - t0,
-                 expert_seconds=float(meta.get("buffer_seconds") or 0.0),
-                 final_loss=history[-1]["loss"] if history else None,
-                 init_indices=init_idx.tolist()))
-  export.save_synthetic(out_path, synthetic)
-  export.save_image_grid(os.path.join(workdir, f"synthetic_{name}_grid.png"), synthetic.images,
-                         mean, std)
-  save_weight_plot(os.path.join(workdir, f"param_match_{name}_weights.png"), weights,
-                   f"{name}: importance weights per tensor ({cfg.granularity})")
-  plots.save_curve(os.path.join(workdir, job, "loss.png"), history, "loss",
-                   f"{name} matching loss")
-  log(f"[param_match] wrote {out_path} (alpha {synthetic.extra['alpha']:.4g})")
-  return export.load_synthetic(out_path)

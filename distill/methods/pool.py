@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from distill.errors import DistillError
-from distill.models import apply_model
+from distill.nn.models import apply_model
 
 
 class PoolFns(NamedTuple):

@@ -11,6 +11,20 @@ import jax
 import jax.numpy as jnp
 
 
+def normalize_batch(images: jax.Array, mean, std) -> jax.Array:
+  """The model's input space inside a jitted step: uint8 -> (x / 255 - mean) / std.
+
+  `datasets.normalize` is the same map for whole numpy datasets (chunked).
+
+  Args:
+    images: (B, H, W, C) uint8. mean, std: (C,) in [0, 1] units.
+
+  Returns:
+    (B, H, W, C) float32.
+  """
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
 def random_crop_flip(rng: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
   """Random crop after zero padding, plus random horizontal flip.
 

@@ -1,0 +1,1 @@
+"""Images in: format decoders, datasets (load, cache, normalise), augmentation, the synthetic-set artefact."""

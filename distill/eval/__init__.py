@@ -1,0 +1,1 @@
+"""Transfer evaluation: pretraining on a set, probes, fine-tuning, the results table."""

@@ -1,0 +1,1 @@
+"""Selection and pruning of real data: coresets, source pruning, InfoBatch, influence scores."""

@@ -1,0 +1,1 @@
+"""The pipeline stages: the only code that reads or writes a workdir."""

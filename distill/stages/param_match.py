@@ -1,0 +1,136 @@
+"""Parameter matching: the expert buffer -> `<workdir>/experts_<objective>/`, then
+IADD / MTT -> `<workdir>/synthetic_<name>.npz` (+ grid, weights plot, curve).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from distill.config import to_dict
+from distill.data import datasets, synthetic_set
+from distill.errors import DistillError
+from distill.methods import experts, param_match
+from distill.nn.loop import log, run_loop
+from distill.selection import coresets
+from distill.stages.artefacts import load_source, save_set, workdir_teacher
+
+
+def run_experts(config, workdir: str) -> experts.ExpertBuffer:
+  """Trains the experts of `config.experts` into `experts.buffer_dir(workdir, objective)`; resumable."""
+  cfg = config.experts
+  directory = experts.buffer_dir(workdir, cfg.objective)
+  if cfg.dtype not in experts.DTYPES:
+    raise DistillError(f"unknown experts.dtype {cfg.dtype!r}; expected one of {experts.DTYPES}")
+  source = load_source(config)
+  teacher = None
+  if cfg.objective == "ce":
+    if source.labels is None:
+      raise DistillError(f"experts.objective='ce' needs labels, but the source "
+                         f"{source.name!r} has none; use experts.objective='mse'")
+    num_outputs = len(source.class_names or ()) or int(source.labels.max()) + 1
+    mean, std = datasets.channel_stats(source.images)
+  else:
+    teacher = workdir_teacher(config, workdir)
+    num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
+  log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
+      f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")
+  for e in range(cfg.num_experts):
+    path = os.path.join(directory, f"expert_{e:02d}.npz")
+    if os.path.exists(path):
+      continue
+    experts.train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
+                 std, num_outputs, directory, e, config.seed, teacher=teacher,
+                 meta=dict(source=source.name))
+    log(f"[experts] wrote {path}")
+  return experts.load_buffer(directory)
+
+
+def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
+  """Distils the source by parameter matching into `<workdir>/synthetic_<name>.npz`.
+
+  Matches the buffer of `config.experts.objective`; `name` is `param_match.set_name(method,
+  objective)`.
+  """
+  cfg = config.param_match
+  param_match.check_config(cfg)
+  name = param_match.set_name(cfg.method, config.experts.objective)
+  out_path = os.path.join(workdir, f"synthetic_{name}.npz")
+  if os.path.exists(out_path):
+    return synthetic_set.load_synthetic(out_path)
+  buffer = experts.load_buffer(experts.buffer_dir(workdir, config.experts.objective))
+  param_match.check_config(cfg, buffer.epochs)
+  meta = buffer.meta
+  objective, num_outputs = meta["objective"], int(meta["num_outputs"])
+  if objective != config.experts.objective:
+    raise DistillError(f"the buffer in {experts.buffer_dir(workdir, objective)} holds "
+                       f"{objective!r} experts, the config asks for {config.experts.objective!r}")
+  if not cfg.alpha_init:
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.alpha_init = float(meta["lr"])
+  source = load_source(config)
+  n, num_source = cfg.num_synthetic, len(source.images)
+  if tuple(source.images.shape[1:]) != tuple(meta["image_shape"]):
+    raise DistillError(f"source images {source.images.shape[1:]} differ from the experts' "
+                       f"{tuple(meta['image_shape'])}")
+  if n > num_source:
+    raise DistillError(f"param_match.num_synthetic={n} is larger than the source "
+                       f"({num_source} images)")
+  t0 = time.perf_counter()
+  mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
+  if objective == "ce":
+    if source.labels is None:
+      raise DistillError(f"the experts were trained with 'ce' but the source {source.name!r} "
+                         f"has no labels")
+    init_idx = coresets.class_balanced_subset(source.labels, n, config.seed)
+    labels = source.labels[init_idx].astype(np.int32)
+    x0 = datasets.normalize(source.images[init_idx], mean, std)
+    y0, teacher_name = param_match.initial_soft_labels(labels, num_outputs), "source_labels"
+  else:
+    init_idx, labels = coresets.random_subset(num_source, n, config.seed), None
+    teacher = workdir_teacher(config, workdir)
+    if teacher.dim != num_outputs:
+      raise DistillError(f"teacher width {teacher.dim} differs from the experts' outputs "
+                         f"{num_outputs}")
+    x0 = datasets.normalize(source.images[init_idx], mean, std)
+    y0 = teacher.features(x0)
+    teacher_name = f"barlow_twins/{teacher.model.__class__.__name__.lower()}"
+  method = param_match.ParamMatch(cfg, experts.expert_model(meta["arch"], num_outputs), objective)
+  state = method.init(jax.random.key(config.seed), x0, y0)
+  log(f"[param_match] {name}: n={n} synthetic images, {len(buffer.trajectories)} experts "
+      f"({objective}, {buffer.epochs} epochs), N={cfg.syn_steps} M={cfg.expert_epochs} "
+      f"max_start={cfg.max_start}, W per {cfg.granularity}, {cfg.steps} steps")
+  job = f"param_match_{name}"
+  state, history = run_loop(
+      name=job, workdir=workdir, state=state, step_fn=method.step,
+      batch_fn=lambda i: experts.sample_checkpoints(
+          buffer, config.seed, i, cfg.max_start, cfg.expert_epochs)[2:],
+      num_steps=cfg.steps, rng=jax.random.key(config.seed + 4),
+      log_every=min(cfg.log_every, cfg.steps), checkpoint_every=cfg.checkpoint_every)
+  learned = jax.device_get(state["learned"])
+  template = buffer.checkpoint(0, 0)
+  weights = jax.device_get(method.weights(learned, template))
+  mask = (param_match.prune_mask(weights, template, cfg.prune_fraction) if cfg.prune_fraction else None)
+  synthetic = synthetic_set.SyntheticSet(
+      images=np.asarray(learned["images"]), targets=np.asarray(method.targets(learned)),
+      labels=labels, method=name, source=source.name, teacher=teacher_name,
+      image_mean=mean, image_std=std, config=to_dict(config), step=cfg.steps,
+      extra=dict(alpha=float(np.exp(learned["log_alpha"])), objective=objective,
+                 granularity=cfg.granularity, weights=param_match.weight_summary(weights),
+                 kept_fraction=None if mask is None else float(
+                     param_match.weight_stats(weights, template, mask)["kept_fraction"]),
+                 num_experts=len(buffer.trajectories), buffer_epochs=buffer.epochs,
+                 seconds=time.perf_counter() - t0,
+                 expert_seconds=float(meta.get("buffer_seconds") or 0.0),
+                 final_loss=history[-1]["loss"] if history else None,
+                 init_indices=init_idx.tolist()))
+  save_set(out_path, synthetic, workdir, job, history, "matching loss")
+  param_match.save_weight_plot(os.path.join(workdir, f"param_match_{name}_weights.png"),
+                               weights, f"{name}: importance weights per tensor "
+                               f"({cfg.granularity})")
+  log(f"[param_match] wrote {out_path} (alpha {synthetic.extra['alpha']:.4g})")
+  return synthetic_set.load_synthetic(out_path)

@@ -1,0 +1,87 @@
+"""Stage 1: the Barlow Twins teacher -> `<workdir>/teacher/`.
+
+The teacher is trained on the source (plainly, or with InfoBatch pruning
+when `teacher.infobatch.prune_ratio` > 0), probed on the target, and saved
+as `teacher.json` + `variables.msgpack` with its loss curve.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from distill import files, plots
+from distill.data import datasets
+from distill.methods import barlow_twins
+from distill.nn.loop import log
+from distill.nn.models import build_model
+from distill.stages.artefacts import load_source, probe_backbone
+
+TEACHER = "teacher"
+
+
+def run_teacher(config, workdir: str) -> barlow_twins.Teacher:
+  """Trains the Barlow Twins teacher (or loads it) and probes it on the target."""
+  directory = os.path.join(workdir, TEACHER)
+  if os.path.exists(os.path.join(directory, "teacher.json")):
+    return barlow_twins.load_teacher(directory)
+  if config.teacher.infobatch.prune_ratio > 0:
+    teacher, report = train_infobatch_teacher(config, workdir, load_source(config).images)
+    probe = probe_backbone(config, teacher.model, teacher.variables, teacher.image_shape,
+                           teacher.mean, teacher.std)
+    log(f"[teacher] InfoBatch skipped {100 * report.get('skipped_fraction', 0):.1f}% of "
+        f"sample-steps; linear-probe accuracy on {config.data.target}: {probe['accuracy']:.4f}")
+    barlow_twins.save_teacher(directory, config.teacher.arch.to_dict(),
+                              _as_barlow_twins(teacher.variables), teacher.mean, teacher.std,
+                              teacher.image_shape, {**teacher.info, "probe": probe})
+    return barlow_twins.load_teacher(directory)
+  cfg = config.teacher
+  t0 = time.perf_counter()
+  source = load_source(config)
+  images = source.images
+  variables, history, num_steps = barlow_twins.train(cfg, images, config.seed, workdir, TEACHER)
+  train_s = time.perf_counter() - t0
+  mean, std = datasets.channel_stats(images)
+  probe = probe_backbone(config, build_model(cfg.arch), barlow_twins.backbone_variables(variables),
+                         images.shape[1:], mean, std)
+  log(f"[teacher] linear-probe accuracy on {config.data.target}: {probe['accuracy']:.4f}")
+  info = dict(source=source.name, num_images=len(images), steps=num_steps, train_seconds=train_s,
+              final_loss=history[-1]["loss"] if history else None, probe=probe)
+  barlow_twins.save_teacher(directory, cfg.arch.to_dict(), variables, mean, std,
+                            images.shape[1:], info)
+  plots.save_curve(os.path.join(directory, "loss.png"), history, "loss", "Barlow Twins loss")
+  return barlow_twins.load_teacher(directory)
+
+
+def train_infobatch_teacher(config, workdir: str, images,
+                            name: str = "teacher_infobatch") -> tuple[barlow_twins.Teacher, dict]:
+  """The teacher trained with InfoBatch pruning, saved in `<workdir>/teacher`; resumable.
+
+  prune_ratio 0 trains on all data through the same code (the reference of
+  experiments/infobatch_teacher.py). A finished teacher with its report is
+  loaded, not retrained.
+
+  Args:
+    config: full config (`teacher`, its `infobatch` section, `seed`).
+    workdir: job directory. images: (N, H, W, C) uint8 source images.
+    name: job directory of the epoch plans and checkpoints.
+
+  Returns:
+    (teacher, report with steps and the realised skipped share).
+  """
+  directory = os.path.join(workdir, TEACHER)
+  report_path = os.path.join(workdir, name, "report.json")
+  if os.path.exists(os.path.join(directory, "teacher.json")) and os.path.exists(report_path):
+    return barlow_twins.load_teacher(directory), files.read_json(report_path, {})
+  cfg = config.teacher
+  variables, report = barlow_twins.train_infobatch(cfg, images, config.seed, workdir, name)
+  mean, std = datasets.channel_stats(images)
+  barlow_twins.save_teacher(directory, cfg.arch.to_dict(), variables, mean, std,
+                            images.shape[1:], dict(infobatch=report))
+  files.write_json(report_path, report)
+  return barlow_twins.load_teacher(directory), report
+
+
+def _as_barlow_twins(backbone: dict) -> dict:
+  """Backbone variables in the layout `save_teacher` takes (under "backbone")."""
+  return {k: {"backbone": v} for k, v in backbone.items()}
