@@ -1,4 +1,4 @@
-"""The `distill` command: a thin launcher over the pipeline functions.
+"""The `distill` command: a thin launcher over the stages (distill/stages/).
 
     distill run      --config CFG[:variant] --workdir DIR [--set key=value ...]
     distill teacher  ...   (stage 1: Barlow Twins teacher)

@@ -1,5 +1,5 @@
 """Pictures of results: training curves, the results table, the size sweep
-(image grids of synthetic sets live in export.py)."""
+(image grids of synthetic sets live in distill/data/synthetic_set.py)."""
 
 from __future__ import annotations
 

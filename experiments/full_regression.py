@@ -70,7 +70,7 @@ def main(argv=None) -> int:
   teacher = artefacts.workdir_teacher(config, args.workdir)
   source = artefacts.load_source(config)
   everything = datasets.load_dataset(config.data.source, config.data.source_split,
-                                 cache_dir=config.data.cache_dir or None)
+                                     cache_dir=config.data.cache_dir or None)
   # The source subset is a seeded subsample of the split: held-out images are
   # those of the split that are not in it (compared by content).
   in_source = {x.tobytes() for x in source.images}

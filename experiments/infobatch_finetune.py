@@ -54,7 +54,7 @@ def main() -> None:
   teacher = barlow_twins.load_teacher(args.teacher)
   shape = teacher.image_shape
   prep = lambda ds: datasets.normalize(datasets.match_format(ds.images, shape[0], shape[2]),
-                                   teacher.mean, teacher.std)
+                                       teacher.mean, teacher.std)
   train = datasets.subsample(datasets.load_dataset(config.data.target, "train"), 3000, 0)
   test = datasets.load_dataset(config.data.target, "val")
   x_train, x_test = prep(train), prep(test)

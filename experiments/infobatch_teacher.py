@@ -57,7 +57,7 @@ def main() -> None:
   config = load_config(CONFIG)
   # One fixed source subset and probe split; the seed varies training only.
   source = datasets.subsample(datasets.load_dataset(config.data.source, "train"),
-                          config.data.num_source, config.seed)
+                              config.data.num_source, config.seed)
   runs = []
   for seed in args.seeds:
     for label, ratio in (("full data", 0.0), ("InfoBatch", config.teacher.infobatch.prune_ratio)):

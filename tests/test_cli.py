@@ -54,7 +54,7 @@ def test_inspect_prints_summary_and_grid(smoke_run, capsys, tmp_path):
 
 
 def test_other_config_on_same_workdir_is_refused_and_nothing_changes(smoke_run, blobs_npz,
-                                                                      capsys):
+                                                                     capsys):
   before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()}
   assert main(smoke_args("run", smoke_run, blobs_npz, "--set", "krr_st.steps=7")) == 2
   err = _error(capsys)

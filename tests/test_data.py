@@ -312,7 +312,7 @@ def test_channel_stats_normalize_denormalize():
 
 def test_subsample():
   ds = datasets.ArrayDataset(images=_rng_image(0, (10, 2, 2, 1)),
-                         labels=np.arange(10, dtype=np.int32), name="toy")
+                             labels=np.arange(10, dtype=np.int32), name="toy")
   a = datasets.subsample(ds, 4, seed=1)
   b = datasets.subsample(ds, 4, seed=1)
   np.testing.assert_array_equal(a.labels, b.labels)

@@ -142,7 +142,7 @@ def tiny_gradients():
         numeric = (value_and_grad(shifted(eps))[0]
                    - value_and_grad(shifted(-eps))[0]) / (2 * eps)
         analytic = sum(np.vdot(g, d) for g, d in zip(jax.tree.leaves(out[False][1][key]),
-                                                      jax.tree.leaves(direction)))
+                                                     jax.tree.leaves(direction)))
         out["checks"].append((key, float(analytic), float(numeric)))
   return out
 

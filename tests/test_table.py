@@ -95,7 +95,8 @@ def test_table_figure_has_a_panel_per_target_and_readout(tmp_path):
   with Image.open(path) as png:
     width, height = png.size
   assert width > 2 * height   # 2 targets x 4 read-outs: panels in a wide grid
-  assert table.save_table_figure(str(tmp_path / "none.png"), summary, n=99, rows=tuple(sets.ROWS)) is None
+  assert table.save_table_figure(str(tmp_path / "none.png"), summary, n=99,
+                                 rows=tuple(sets.ROWS)) is None
   assert not (tmp_path / "none.png").exists()
 
 

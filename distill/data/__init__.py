@@ -1,1 +1,2 @@
-"""Images in: format decoders, datasets (load, cache, normalise), augmentation, the synthetic-set artefact."""
+"""Images in: format decoders, datasets (load, cache, normalise), augmentation,
+and the synthetic-set artefact."""

@@ -9,11 +9,10 @@ Each reader turns one kind of source into an `ArrayDataset`:
   * `.npz` files (`load_npz`);
   * TFDS datasets (`load_tfds`).
 
-`ArrayDataset` and the small helpers shared with `distill.data` live here
-too, so that `distill.data` can import this module without a cycle; import
-`ArrayDataset` from `distill.data`. Choosing a reader, caching decoded
-folders and archives, and the format rules they follow are described in
-`distill.data`.
+`resolve` picks the reader a source name calls for and says whether its
+decoded content is worth caching; `ArrayDataset`, what every reader returns,
+is defined here. Caching decoded folders and archives, and the format rules
+the readers follow, are described in `distill.data.datasets`.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Distillation methods and the teacher they distil: Barlow Twins, KRR-ST (and FRePo), KIP, parameter matching."""
+"""Distillation methods and the teacher they distil: Barlow Twins, KRR-ST (and
+FRePo), KIP, parameter matching (IADD / MTT)."""

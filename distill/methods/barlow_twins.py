@@ -316,7 +316,7 @@ def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
   meta = dict(arch=dict(arch), mean=[float(m) for m in mean], std=[float(s) for s in std],
               image_shape=list(image_shape), info=info)
   files.write_atomic(os.path.join(directory, "variables.msgpack"),
-                flax.serialization.msgpack_serialize(jax.device_get(backbone)))
+                     flax.serialization.msgpack_serialize(jax.device_get(backbone)))
   files.write_atomic(os.path.join(directory, "teacher.json"), json.dumps(meta, indent=1).encode())
 
 

@@ -116,7 +116,7 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
     else:
       # The teacher sees the same (augmented) view as the expert.
       targets = jax.lax.stop_gradient(barlow_twins.represent(teacher_model, teacher_vars, x,
-                                                            representation))
+                                                             representation))
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, x)[1]

@@ -68,7 +68,7 @@ class KRRST:
     """Binds the settings.
 
     Args:
-      cfg: the `distill` section of the config.
+      cfg: the `krr_st` section of the config.
       image_shape: (H, W, C) of the source images.
       target_dim: d, the teacher's representation width.
       teacher_model: the teacher network (its variables come with each step),
@@ -128,7 +128,7 @@ class KRRST:
       target_real = jax.nn.one_hot(labels, num_classes)
     else:
       target_real = barlow_twins.represent(self.teacher_model, teacher_vars, x_real,
-                                          self.representation)
+                                           self.representation)
     phi_real = with_bias(self.member_features(member, x_real))
     loss_fn = functools.partial(krr_outer_loss, self.member_features, member,
                                 phi_real=jax.lax.stop_gradient(phi_real),

@@ -261,7 +261,7 @@ def pruning_report(records: list[dict], num_samples: int, batch_size: int,
                    num_epochs: int) -> dict:
   """Steps taken vs the full-data run and the realised skipped share."""
   steps, full = sum(r["steps"] for r in records), full_data_steps(num_samples, batch_size,
-                                                                   num_epochs)
+                                                                  num_epochs)
   return dict(steps=steps, full_data_steps=full, step_fraction=steps / full,
               skipped_fraction=sum(r["pruned"] for r in records) / (num_epochs * num_samples),
               pruned_per_epoch=[r["pruned"] for r in records])

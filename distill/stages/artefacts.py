@@ -97,7 +97,7 @@ def _diff_keys(a, b, prefix=""):
 def load_source(config) -> datasets.ArrayDataset:
   cfg = config.data
   ds = datasets.load_dataset(cfg.source, cfg.source_split, cache_dir=cfg.cache_dir or None,
-                         data_dir=cfg.data_dir or None)
+                             data_dir=cfg.data_dir or None)
   return datasets.subsample(ds, cfg.num_source, config.seed)
 
 
@@ -131,7 +131,7 @@ def load_target(config, image_shape, mean, std, spec: str | None = None):
   out = []
   for split, num in ((train_split, cfg.num_target_train), (test_split, cfg.num_target_test)):
     ds = datasets.load_dataset(dataset, split, cache_dir=cfg.cache_dir or None,
-                           data_dir=cfg.data_dir or None)
+                               data_dir=cfg.data_dir or None)
     if ds.labels is None:
       raise DistillError(f"transfer target {dataset!r} split {split!r} has no labels")
     # A cap, not a demand: one setting serves targets of different sizes.
@@ -179,7 +179,7 @@ def save_set(out_path: str, synthetic: synthetic_set.SyntheticSet, workdir: str,
 def source_features(source, teacher) -> np.ndarray:
   """(N, d) teacher features of the whole source, in chunks."""
   chunks = [teacher.features(datasets.normalize(source.images[i:i + 2000], teacher.mean,
-                                            teacher.std))
+                                                teacher.std))
             for i in range(0, len(source.images), 2000)]
   return np.concatenate(chunks)
 

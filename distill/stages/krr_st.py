@@ -28,7 +28,7 @@ def run_krr_st(config, workdir: str, n: int | None = None,
   """Distils the source with KRR-ST into `<workdir>/synthetic.npz`.
 
   Args:
-    config: the full config (`distill` section for the method).
+    config: the full config (`krr_st` section for the method).
     workdir: the job directory (holds the teacher).
     n: set size; None = `krr_st.num_synthetic` (other sizes go to
       `<workdir>/sets/krr_st_n<n>.npz`, for the size sweep).

@@ -20,7 +20,7 @@ from distill.stages.artefacts import load_source, save_set, workdir_teacher
 
 
 def run_experts(config, workdir: str) -> experts.ExpertBuffer:
-  """Trains the experts of `config.experts` into `experts.buffer_dir(workdir, objective)`; resumable."""
+  """Trains the experts of `config.experts` into `experts.buffer_dir`; resumable."""
   cfg = config.experts
   directory = experts.buffer_dir(workdir, cfg.objective)
   if cfg.dtype not in experts.DTYPES:
@@ -43,8 +43,8 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
     if os.path.exists(path):
       continue
     experts.train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
-                 std, num_outputs, directory, e, config.seed, teacher=teacher,
-                 meta=dict(source=source.name))
+                         std, num_outputs, directory, e, config.seed, teacher=teacher,
+                         meta=dict(source=source.name))
     log(f"[experts] wrote {path}")
   return experts.load_buffer(directory)
 
@@ -114,7 +114,8 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   learned = jax.device_get(state["learned"])
   template = buffer.checkpoint(0, 0)
   weights = jax.device_get(method.weights(learned, template))
-  mask = (param_match.prune_mask(weights, template, cfg.prune_fraction) if cfg.prune_fraction else None)
+  mask = (param_match.prune_mask(weights, template, cfg.prune_fraction)
+          if cfg.prune_fraction else None)
   synthetic = synthetic_set.SyntheticSet(
       images=np.asarray(learned["images"]), targets=np.asarray(method.targets(learned)),
       labels=labels, method=name, source=source.name, teacher=teacher_name,

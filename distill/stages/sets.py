@@ -154,11 +154,9 @@ class Row(NamedTuple):
       source, never saved).
     recipe: how a backbone is pretrained on the set, (target kind, loss) of
       `transfer.pretrain`; None when nothing is pretrained.
-    learned: the set is distilled (images moved), not selected.
   """
   build: Callable | None
   recipe: tuple[str, str] | None
-  learned: bool = False
 
 
 def _krr_st_set(config, workdir, n, seed, source, teacher, supervised=False):
@@ -175,12 +173,11 @@ ROWS = {
     "none": Row(None, None),
     "random": Row(random_set, ("teacher", "mse")),
     "kmeans": Row(kmeans_set, ("teacher", "mse")),
-    "kip": Row(kip_set, ("labels", "mse"), learned=True),
-    "frepo": Row(functools.partial(_krr_st_set, supervised=True), ("labels", "mse"),
-                 learned=True),
-    "krr_st": Row(_krr_st_set, ("learned", "mse"), learned=True),
+    "kip": Row(kip_set, ("labels", "mse")),
+    "frepo": Row(functools.partial(_krr_st_set, supervised=True), ("labels", "mse")),
+    "krr_st": Row(_krr_st_set, ("learned", "mse")),
     **{name: Row(functools.partial(param_match_set, name),
-                 ("labels", "ce") if name.endswith("_ce") else ("learned", "mse"), learned=True)
+                 ("labels", "ce") if name.endswith("_ce") else ("learned", "mse"))
        for name in ("iadd", "mtt", "iadd_ce", "mtt_ce")},
     "full": Row(None, ("teacher", "mse")),
     "teacher": Row(None, None),

@@ -37,12 +37,15 @@ from distill.stages.artefacts import (load_source, load_target, main_target, par
 def plan(config) -> list[table.Job]:
   """The blocks of the table, validated before any work starts."""
   ev = config.eval
-  unknown = set(ev.rows) - set(sets.ROWS)
-  if unknown:
-    raise DistillError(f"unknown eval.rows {sorted(unknown)}; expected some of {tuple(sets.ROWS)}")
+  for key in ("rows", "sweep_rows"):
+    unknown = set(ev[key]) - set(sets.ROWS)
+    if unknown:
+      raise DistillError(f"unknown eval.{key} {sorted(unknown)}; expected some of "
+                         f"{tuple(sets.ROWS)}")
   bad = set(ev.readouts) - set(table.READOUTS)
   if bad or not ev.readouts:
-    raise DistillError(f"eval.readouts must be drawn from {table.READOUTS}, got {tuple(ev.readouts)}")
+    raise DistillError(f"eval.readouts must be drawn from {table.READOUTS}, "
+                       f"got {tuple(ev.readouts)}")
   if not ev.seeds:
     raise DistillError("eval.seeds is empty")
   base = config.pretrain.arch
@@ -56,9 +59,10 @@ def plan(config) -> list[table.Job]:
   jobs = [table.Job(n, tuple(ev.rows), tuple(archs), tuple(targets), tuple(ev.readouts))]
   for size in ev.sizes:
     if size != n:
-      jobs.append(table.Job(int(size), tuple(r for r in ev.sweep_rows if r not in ("none", "full",
-                                                                             "teacher")),
-                      tuple(archs[:1]), tuple(targets[:1]), ("linear_probe",)))
+      # The sweep varies set size, so only rows with a set of their own take part.
+      swept = tuple(r for r in ev.sweep_rows if sets.ROWS[r].build)
+      jobs.append(table.Job(int(size), swept, tuple(archs[:1]), tuple(targets[:1]),
+                            ("linear_probe",)))
   return jobs
 
 
@@ -131,7 +135,7 @@ def run_table(config, workdir: str) -> dict:
           for (t_lbl, spec), readout in todo:
             if t_lbl not in targets:
               targets[t_lbl] = load_target(config, image_shape, teacher.mean,
-                                                      teacher.std, spec)
+                                           teacher.std, spec)
             t1 = time.perf_counter()
             out = _readout(readout, config, model, variables, targets[t_lbl], seed,
                            workdir, f"{row}_n{job.n}_{arch_lbl}_{t_lbl}_seed{seed}",
