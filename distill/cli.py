@@ -21,26 +21,61 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
+
+
+# Each command: (one-line help, what it needs and writes).
+COMMANDS = {
+    "run": ("all stages: teacher, KRR-ST, export, transfer",
+            "Runs teacher -> krr-st -> table in one workdir; finished stages are skipped."),
+    "teacher": ("train the Barlow Twins teacher",
+                "Needs only the source (data.source). Writes WORKDIR/teacher/."),
+    "krr-st": ("distil the source with KRR-ST",
+               "Needs a trained teacher in WORKDIR/teacher/ (run `distill teacher` first, same "
+               "--config and --workdir). Writes WORKDIR/synthetic.npz and its image grid."),
+    "experts": ("train the expert trajectories for parameter matching",
+                "experts.objective='mse' needs the teacher in WORKDIR/teacher/; 'ce' needs a "
+                "labelled source. Writes WORKDIR/experts_<objective>/."),
+    "param-match": ("distil by (importance-weighted) parameter matching",
+                    "Needs the experts (`distill experts`). Writes WORKDIR/synthetic_<name>.npz."),
+    "table": ("the results table: sets, pretraining, read-outs",
+              "Needs the teacher; builds every row's set it lacks. Writes WORKDIR/table.{md,json,"
+              "csv,png}."),
+    "transfer": ("the same as `table`", "The same as `distill table`."),
+    "prune-source": ("keep the source groups the target votes for",
+                     "Needs the teacher only for k-means groups. Writes "
+                     "WORKDIR/source_pruning.npz."),
+    "influence": ("label-free influence and duplicate scores of the source",
+                  "Needs the teacher. Writes WORKDIR/influence.npz."),
+}
+
+EXAMPLES = """examples:
+  distill run --config experiments/configs/fashion_mnist_quickstart.py --workdir runs/quickstart
+  distill teacher --config experiments/configs/cifar10_krr_st.py --workdir runs/c10
+  distill krr-st  --config experiments/configs/cifar10_krr_st.py --workdir runs/c10 \\
+      --set krr_st.steps=500
+  distill inspect runs/c10/synthetic.npz
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n\n")[0],
+                                   epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  for name, help_text in (("run", "all stages: teacher, KRR-ST, export, transfer"),
-                          ("teacher", "train the Barlow Twins teacher"),
-                          ("krr-st", "distil the source with KRR-ST"),
-                          ("experts", "train the expert trajectories for parameter matching"),
-                          ("param-match", "distil by (importance-weighted) parameter matching"),
-                          ("table", "the results table: sets, pretraining, read-outs"),
-                          ("transfer", "the same as `table`"),
-                          ("prune-source", "keep the source groups the target votes for"),
-                          ("influence", "label-free influence and duplicate scores of the source")):
-    p = sub.add_parser(name, help=help_text)
+  for name, (help_text, details) in COMMANDS.items():
+    example = (f"example:\n  distill {name} --config experiments/configs/"
+               f"fashion_mnist_quickstart.py --workdir runs/quickstart")
+    p = sub.add_parser(name, help=help_text,
+                       description=textwrap.fill(f"{help_text}. {details}", 79),
+                       epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiments/configs/FILE.py[:variant]")
     p.add_argument("--workdir", required=True, help="where artefacts and checkpoints go")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set krr_st.steps=500")
-  p = sub.add_parser("inspect", help="validate a synthetic .npz, summarise it, save a grid PNG")
+  p = sub.add_parser("inspect", help="validate a synthetic .npz, summarise it, save a grid PNG",
+                     epilog="example:\n  distill inspect runs/quickstart/synthetic.npz",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("file")
   p.add_argument("--png", default=None, help="grid PNG path (default: next to the file)")
   return parser

@@ -40,10 +40,15 @@ def test_end_to_end_run_writes_every_artefact(smoke_run):
   assert [m["step"] for m in metrics] == [2, 4, 6]
 
 
-def test_rerun_skips_finished_stages(smoke_run, blobs_npz):
+def test_rerun_skips_finished_stages_and_says_so(smoke_run, blobs_npz, capsys):
   before = (smoke_run / "synthetic.npz").stat().st_mtime_ns
+  capsys.readouterr()
   assert main(smoke_args("run", smoke_run, blobs_npz)) == 0
   assert (smoke_run / "synthetic.npz").stat().st_mtime_ns == before
+  out = capsys.readouterr().out
+  entries = len(json.loads((smoke_run / "table.json").read_text())["runs"])
+  for stage in ("[teacher] found", "[krr_st] found", f"[table] {entries} entries measured before"):
+    assert stage in out, out[-2000:]
 
 
 def test_inspect_prints_summary_and_grid(smoke_run, capsys, tmp_path):
@@ -107,3 +112,12 @@ def test_corrupt_artefact_exit_code_in_a_real_process(smoke_run, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: ") and "cut.npz" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_gives_examples_and_what_each_stage_needs(capsys):
+  for argv, expected in ((["--help"], "examples:"),
+                         (["krr-st", "--help"], "Needs a trained teacher"),
+                         (["table", "--help"], "example:")):
+    with pytest.raises(SystemExit) as info:
+      main(argv)
+    assert info.value.code == 0 and expected in capsys.readouterr().out

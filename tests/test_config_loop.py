@@ -86,6 +86,29 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
   assert [r["step"] for r in resumed_history] == [r["step"] for r in history]
   lines = (tmp_path / "b" / "job" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == list(range(2, 13, 2))
+  # TensorBoard sees the same curve: the resumed writer purges past step 8.
+  board = _tensorboard_scalars(tmp_path / "b" / "job" / "tensorboard", "loss")
+  assert board == {json.loads(l)["step"]: pytest.approx(json.loads(l)["loss"]) for l in lines}
+
+
+def _tensorboard_scalars(directory, tag: str) -> dict:
+  """{step: value} of `tag` in a TensorBoard run directory, as TensorBoard shows it
+  (a START session log at step s drops the earlier files' events from step s on)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):   # TFRecord framing: length, crc, payload, crc
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.HasField("session_log") and event.session_log.status == 1:
+        scalars = {k: v for k, v in scalars.items() if k < event.step}
+      for value in event.summary.value:
+        if value.tag == tag:
+          scalars[event.step] = value.simple_value
+  return scalars
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
@@ -148,6 +171,7 @@ def test_a_workdir_made_with_the_old_section_name_is_read_renamed(tmp_path):
   old = json.loads(json.dumps(to_dict(base_config())))
   old["distill"] = old.pop("krr_st")
   (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "teacher").mkdir()
   artefacts.prepare_workdir(base_config(), str(tmp_path))   # same settings: accepted
   stored = json.loads((tmp_path / "config.json").read_text())
   assert "distill" not in stored and stored["krr_st"] == old["distill"]
@@ -155,3 +179,16 @@ def test_a_workdir_made_with_the_old_section_name_is_read_renamed(tmp_path):
   apply_overrides(changed, ["krr_st.steps=3"])
   with pytest.raises(DistillError, match="differs at: krr_st.steps"):
     artefacts.prepare_workdir(changed, str(tmp_path))
+
+
+def test_a_workdir_with_nothing_built_takes_a_corrected_config(tmp_path):
+  typo = base_config()
+  apply_overrides(typo, ["data.source=/no/such/data.npz"])
+  artefacts.prepare_workdir(typo, str(tmp_path))   # the run then stops at the missing source
+  fixed = base_config()
+  artefacts.prepare_workdir(fixed, str(tmp_path))
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert stored["data"]["source"] == fixed.data.source
+  (tmp_path / "teacher").mkdir()                    # something built: the config is fixed now
+  with pytest.raises(DistillError, match="differs at: data.source"):
+    artefacts.prepare_workdir(typo, str(tmp_path))

@@ -360,7 +360,13 @@ def test_empty_folder(tmp_path):
   (tmp_path / "train" / "cat" / "readme.txt").write_text("no images")
   msg = _raises("no images for split 'train'", datasets.load_dataset,
                 str(tmp_path), "train", cache_dir="")
-  assert str(tmp_path) in msg
+  assert str(tmp_path) in msg and "subfolders cat without such files" in msg
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  _raises("the folder is empty", datasets.load_dataset, str(bare), "train", cache_dir="")
+  (bare / "a.txt").write_text("")
+  _raises("found no subfolders, only a.txt", datasets.load_dataset, str(bare), "train",
+          cache_dir="")
 
 
 def test_mixed_sizes_and_channels(tmp_path):

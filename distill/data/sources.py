@@ -264,10 +264,12 @@ def list_folder(path: str, split: str) -> list[tuple[str, str]]:
       if _is_image_name(name) and os.path.isfile(full):
         files.append((cls, full))
   if not files:
+    found = (f"found subfolders {_names(subdirs)} without such files" if subdirs else
+             "the folder is empty" if not os.listdir(root) else
+             f"found no subfolders, only {_names(sorted(os.listdir(root)))}")
     raise DistillError(
         f"no images for split {split!r} in {root}: expected class subfolders "
-        f"of {'/'.join(IMAGE_EXTENSIONS)} files, found subfolders "
-        f"{_names(subdirs)}")
+        f"of {'/'.join(IMAGE_EXTENSIONS)} files; {found}")
   return files
 
 

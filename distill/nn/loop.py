@@ -8,6 +8,7 @@ resumed from its last checkpoint continues exactly as if uninterrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
 
 from distill import files
 from distill.errors import DistillError
@@ -79,7 +81,9 @@ def run_loop(*, name: str, workdir: str, state: Any,
 
   Args:
     name: job name; checkpoints in `workdir/name/ckpt`, metrics in
-      `workdir/name/metrics.jsonl`.
+      `workdir/name/metrics.jsonl` and as TensorBoard scalars in
+      `workdir/name/tensorboard/` (`tensorboard --logdir <workdir>` shows
+      every job of a workdir).
     workdir: job directory.
     state: initial state pytree (arrays only; used as the restore template).
     step_fn: `(state, batch, rng) -> (state, metrics)`, usually jitted.
@@ -115,47 +119,58 @@ def run_loop(*, name: str, workdir: str, state: Any,
     state = ckpt.restore(start, state)
     if not quiet:
       print(f"[{name}] resumed from step {start}/{num_steps}", flush=True)
-  last_saved = start
-  t_last, s_last, t_start = time.perf_counter(), start, time.perf_counter()
   # Drop records past the checkpoint (they will be logged again); atomic, so a
   # kill here cannot lose the records before it.
   files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-  fold_in = jax.jit(jax.random.fold_in)  # eager, it would dispatch op by op each step
-  accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m))
-  window, window_len = None, 0
-  first_bad = jnp.int32(-1)  # first bad step (1-based), kept on the device
-  for step in range(start, num_steps):
-    state, metrics = step_fn(state, batch_fn(step), fold_in(rng, step))
-    # Logged metrics are means over the steps since the last record (summed
-    # on the device, so the loop never waits on a step to finish).
-    window = metrics if window is None else accumulate(window, metrics)
-    window_len += 1
-    done = step + 1
-    first_bad = _mark_bad(first_bad, metrics, done)
-    log_now = done % log_every == 0 or done == num_steps
-    save_now = (checkpoint_every and done % checkpoint_every == 0) or done == num_steps
-    if log_now or save_now:
-      _raise_if_bad(int(first_bad), metrics, name, last_saved, job_dir, hint)
-    if log_now:
-      record = {k: float(v) / window_len for k, v in jax.device_get(window).items()}
-      window, window_len = None, 0
-      now = time.perf_counter()
-      record.update(step=done, steps_per_s=(done - s_last) / max(now - t_last, 1e-9),
-                    elapsed_s=now - t_start)
-      t_last, s_last = now, done
-      history.append(record)
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      if not quiet:
-        eta = (num_steps - done) / max(record["steps_per_s"], 1e-9)
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
-                          if k not in ("step", "steps_per_s", "elapsed_s"))
-        print(f"[{name}] step {done}/{num_steps}  {shown}  "
-              f"{record['steps_per_s']:.2f} steps/s  ETA {_format_time(eta)}", flush=True)
-    if save_now:
-      ckpt.save(done, state)
-      last_saved = done
-  return state, history
+  # purge_step: TensorBoard drops the events past the checkpoint, as the
+  # metrics file above does, so a resumed curve has no doubled stretch. The
+  # suffix (the start step) keeps a resume within the same second from
+  # overwriting the earlier file, and orders the files as TensorBoard reads them.
+  board = SummaryWriter(os.path.join(job_dir, "tensorboard"),
+                        purge_step=start + 1 if start else None,
+                        filename_suffix=f".from{start:010d}")
+  with contextlib.closing(board):
+    last_saved = start
+    t_last, s_last, t_start = time.perf_counter(), start, time.perf_counter()
+    fold_in = jax.jit(jax.random.fold_in)  # eager, it would dispatch op by op each step
+    accumulate = jax.jit(lambda total, m: jax.tree.map(jnp.add, total, m))
+    window, window_len = None, 0
+    first_bad = jnp.int32(-1)  # first bad step (1-based), kept on the device
+    for step in range(start, num_steps):
+      state, metrics = step_fn(state, batch_fn(step), fold_in(rng, step))
+      # Logged metrics are means over the steps since the last record (summed
+      # on the device, so the loop never waits on a step to finish).
+      window = metrics if window is None else accumulate(window, metrics)
+      window_len += 1
+      done = step + 1
+      first_bad = _mark_bad(first_bad, metrics, done)
+      log_now = done % log_every == 0 or done == num_steps
+      save_now = (checkpoint_every and done % checkpoint_every == 0) or done == num_steps
+      if log_now or save_now:
+        _raise_if_bad(int(first_bad), metrics, name, last_saved, job_dir, hint)
+      if log_now:
+        record = {k: float(v) / window_len for k, v in jax.device_get(window).items()}
+        window, window_len = None, 0
+        now = time.perf_counter()
+        record.update(step=done, steps_per_s=(done - s_last) / max(now - t_last, 1e-9),
+                      elapsed_s=now - t_start)
+        t_last, s_last = now, done
+        history.append(record)
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+          if key != "step":
+            board.add_scalar(key, value, done)
+        if not quiet:
+          eta = (num_steps - done) / max(record["steps_per_s"], 1e-9)
+          shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                            if k not in ("step", "steps_per_s", "elapsed_s"))
+          print(f"[{name}] step {done}/{num_steps}  {shown}  "
+                f"{record['steps_per_s']:.2f} steps/s  ETA {_format_time(eta)}", flush=True)
+      if save_now:
+        ckpt.save(done, state)
+        last_saved = done
+    return state, history
 
 
 @jax.jit

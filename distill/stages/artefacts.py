@@ -49,6 +49,9 @@ ON_DEMAND_SECTIONS = {"experts": ("experts_*",),
                       "param_match": ("param_match_*", "synthetic_iadd*", "synthetic_mtt*")}
 
 
+# Files a workdir holds before any stage has built anything.
+BOOKKEEPING = frozenset({"config.json", "timings.json"})
+
 # Config sections that were renamed: old name -> new name.
 RENAMED_SECTIONS = {"distill": "krr_st"}
 
@@ -56,7 +59,8 @@ RENAMED_SECTIONS = {"distill": "krr_st"}
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates the workdir and checks it was not made with another config.
 
-  Keys in SELECTION_KEYS may differ, settings newer than the stored
+  A workdir with nothing built in it takes the new config. Otherwise keys
+  in SELECTION_KEYS may differ, settings newer than the stored
   config.json are accepted, and so are changes to an ON_DEMAND_SECTIONS
   section none of whose artefacts exists yet; otherwise the stored file
   keeps the first config.
@@ -64,7 +68,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   current = json.loads(json.dumps(to_dict(config)))
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not set(os.listdir(workdir)) - BOOKKEEPING:
+    # Nothing built yet (e.g. the last run stopped at a typo in the config):
+    # there is nothing the new settings could mix with.
     files.write_json(path, current)
     return
   previous = files.read_json(path, None)
@@ -182,6 +188,11 @@ def source_features(source, teacher) -> np.ndarray:
                                                 teacher.std))
             for i in range(0, len(source.images), 2000)]
   return np.concatenate(chunks)
+
+
+def found(stage: str, path: str) -> None:
+  """Says that a stage's artefact exists, so the stage is skipped."""
+  log(f"[{stage}] found {path}: done before, skipped (delete it to redo this stage)")
 
 
 def workdir_teacher(config: ml_collections.ConfigDict, workdir: str) -> barlow_twins.Teacher:

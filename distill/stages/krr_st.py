@@ -19,8 +19,8 @@ from distill.errors import DistillError
 from distill.methods.krr_st import KRRST
 from distill.nn.loop import batch_indices, Checkpointer, log, run_loop
 from distill.selection import coresets, source_pruning
-from distill.stages.artefacts import (load_source, save_set, set_path, source_features,
-                                      workdir_teacher)
+from distill.stages.artefacts import (found, load_source, save_set, set_path,
+                                      source_features, workdir_teacher)
 
 
 def run_krr_st(config, workdir: str, n: int | None = None,
@@ -41,6 +41,7 @@ def run_krr_st(config, workdir: str, n: int | None = None,
   row = "frepo" if supervised else "krr_st"
   out_path = set_path(workdir, row, n, config)
   if os.path.exists(out_path):
+    found(row, out_path)
     return synthetic_set.load_synthetic(out_path)
   teacher = workdir_teacher(config, workdir)
   source = load_source(config)

@@ -16,7 +16,7 @@ from distill.errors import DistillError
 from distill.methods import experts, param_match
 from distill.nn.loop import log, run_loop
 from distill.selection import coresets
-from distill.stages.artefacts import load_source, save_set, workdir_teacher
+from distill.stages.artefacts import found, load_source, save_set, workdir_teacher
 
 
 def run_experts(config, workdir: str) -> experts.ExpertBuffer:
@@ -41,6 +41,7 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
   for e in range(cfg.num_experts):
     path = os.path.join(directory, f"expert_{e:02d}.npz")
     if os.path.exists(path):
+      found("experts", path)
       continue
     experts.train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
                          std, num_outputs, directory, e, config.seed, teacher=teacher,
@@ -60,6 +61,7 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   name = param_match.set_name(cfg.method, config.experts.objective)
   out_path = os.path.join(workdir, f"synthetic_{name}.npz")
   if os.path.exists(out_path):
+    found("param_match", out_path)
     return synthetic_set.load_synthetic(out_path)
   buffer = experts.load_buffer(experts.buffer_dir(workdir, config.experts.objective))
   param_match.check_config(cfg, buffer.epochs)

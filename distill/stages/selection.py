@@ -17,7 +17,7 @@ from distill.errors import DistillError
 from distill.nn.loop import log
 from distill.nn.models import extract_features
 from distill.selection import influence, source_pruning
-from distill.stages.artefacts import load_source, workdir_teacher
+from distill.stages.artefacts import found, load_source, workdir_teacher
 
 
 def run_prune_source(config, workdir: str) -> source_pruning.PruningResult:
@@ -28,6 +28,7 @@ def run_prune_source(config, workdir: str) -> source_pruning.PruningResult:
   cfg = config.selection.prune
   out_path = os.path.join(workdir, source_pruning.ARTEFACT)
   if os.path.exists(out_path):
+    found("prune_source", out_path)
     return source_pruning.load_pruning(out_path)
   if cfg.method not in source_pruning.METHODS:
     raise DistillError(f"unknown selection.prune.method {cfg.method!r}; expected one of "
@@ -80,6 +81,7 @@ def run_influence(config, workdir: str) -> dict:
   cfg = config.selection.influence
   out_path = os.path.join(workdir, influence.ARTEFACT)
   if os.path.exists(out_path):
+    found("influence", out_path)
     with np.load(out_path) as f:
       return {k: f[k] for k in f.files}
   teacher = workdir_teacher(config, workdir)

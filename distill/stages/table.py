@@ -116,6 +116,8 @@ def run_table(config, workdir: str) -> dict:
   path = os.path.join(workdir, "table.json")
   results = files.read_json(path, {"runs": []})
   done = {table.run_key(r) for r in results["runs"]}
+  if done:
+    log(f"[table] {len(done)} entries measured before are kept in {path}; measuring the rest")
   targets, cache = {}, {}
   teacher_fn = jax.jit(lambda x: teacher.represent(teacher.variables, x))
   for job in jobs:

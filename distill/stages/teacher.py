@@ -15,7 +15,7 @@ from distill.data import datasets
 from distill.methods import barlow_twins
 from distill.nn.loop import log
 from distill.nn.models import build_model
-from distill.stages.artefacts import load_source, probe_backbone
+from distill.stages.artefacts import found, load_source, probe_backbone
 
 TEACHER = "teacher"
 
@@ -24,6 +24,7 @@ def run_teacher(config, workdir: str) -> barlow_twins.Teacher:
   """Trains the Barlow Twins teacher (or loads it) and probes it on the target."""
   directory = os.path.join(workdir, TEACHER)
   if os.path.exists(os.path.join(directory, "teacher.json")):
+    found("teacher", directory)
     return barlow_twins.load_teacher(directory)
   if config.teacher.infobatch.prune_ratio > 0:
     teacher, report = train_infobatch_teacher(config, workdir, load_source(config).images)
