@@ -30,6 +30,14 @@ COMMANDS = {
             "Runs teacher -> krr-st -> table in one workdir; finished stages are skipped."),
     "teacher": ("train the Barlow Twins teacher",
                 "Needs only the source (data.source). Writes WORKDIR/teacher/."),
+    "import-teacher": ("use a torchvision-layout ResNet checkpoint as the teacher",
+                       "Give it with --set teacher.checkpoint=PATH (.safetensors, .npz; "
+                       ".pt/.pth with torch installed) and its input normalisation "
+                       "(teacher.checkpoint_mean/std, ImageNet's by default). Writes "
+                       "WORKDIR/teacher/; later stages use it as they would a trained one."),
+    "export-teacher": ("write the teacher as torchvision-layout .safetensors",
+                       "Needs a torchvision-layout teacher (tv_resnet18/34/50, trained or "
+                       "imported). Writes WORKDIR/teacher/backbone_torchvision.safetensors."),
     "krr-st": ("distil the source with KRR-ST",
                "Needs a trained teacher in WORKDIR/teacher/ (run `distill teacher` first, same "
                "--config and --workdir). Writes WORKDIR/synthetic.npz and its image grid."),

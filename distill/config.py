@@ -61,6 +61,15 @@ def base_config() -> ml_collections.ConfigDict:
       # "gap": the last feature map averaged over space (a ConvNet's map
       # pooled the way a ResNet's is; for ResNets the same as "features").
       representation="features",
+      # A torchvision-layout ResNet-18/34/50 checkpoint (.safetensors, .npz;
+      # .pt/.pth with torch installed) to use instead of training one:
+      # `distill import-teacher`, and any stage that needs the teacher,
+      # imports it into <workdir>/teacher. "" = train Barlow Twins.
+      checkpoint="",
+      # The input normalisation the checkpoint was trained with (torchvision's
+      # ImageNet statistics by default), per channel of the source.
+      checkpoint_mean=(0.485, 0.456, 0.406),
+      checkpoint_std=(0.229, 0.224, 0.225),
       # InfoBatch dynamic pruning (distill/selection/infobatch.py); `distill teacher`
       # uses it when prune_ratio > 0.
       infobatch=ml_collections.ConfigDict(dict(

@@ -19,7 +19,7 @@ import numpy as np
 from distill import plots
 from distill.errors import DistillError
 from distill.eval import transfer
-from distill.nn.models import ARCHS
+from distill.nn.models import ARCHS, TORCH_RESNETS, TorchResNet
 
 
 READOUTS = (*transfer.PROBE_FRACTIONS, "finetune")
@@ -67,6 +67,10 @@ def target_label(dataset: str) -> str:
 
 def arch_of(model) -> dict:
   """The arch dict that rebuilds a backbone (the teacher's may differ from the column's)."""
+  if isinstance(model, TorchResNet):
+    name = next(n for n, (stages, bottleneck) in TORCH_RESNETS.items()
+                if tuple(stages) == tuple(model.stage_sizes) and bottleneck == model.bottleneck)
+    return dict(name=name, width=model.width, depth=0, norm="batch", widths=(), stem=model.stem)
   if hasattr(model, "depth"):
     name = "convnet"
   else:

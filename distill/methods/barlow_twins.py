@@ -14,6 +14,7 @@ accuracy).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -31,7 +32,9 @@ from distill import files
 from distill.data import augment, datasets
 from distill.errors import DistillError
 from distill.nn.loop import batch_indices, log, run_loop
-from distill.nn.models import apply_model, build_model, gradient_step, init_model
+from distill.nn import torch_layout
+from distill.nn.models import (TORCH_RESNETS, TorchResNet, apply_model, build_model,
+                                  gradient_step, init_model)
 from distill.selection import infobatch
 
 
@@ -320,6 +323,14 @@ def save_teacher(directory: str, arch: dict, bt_variables: dict, mean, std,
   files.write_atomic(os.path.join(directory, "teacher.json"), json.dumps(meta, indent=1).encode())
 
 
+def add_to_card(directory: str, **info) -> None:
+  """Adds entries to the `info` of a saved teacher's card (teacher.json), atomically."""
+  path = os.path.join(directory, "teacher.json")
+  meta = files.read_json(path, None)
+  meta["info"].update(info)
+  files.write_atomic(path, json.dumps(meta, indent=1).encode())
+
+
 def load_teacher(directory: str, representation: str = "features") -> Teacher:
   """The teacher saved in `directory`, handing on `representation` (REPRESENTATIONS)."""
   meta_path = os.path.join(directory, "teacher.json")
@@ -343,6 +354,55 @@ def load_teacher(directory: str, representation: str = "features") -> Teacher:
   return Teacher(model, variables, np.asarray(meta["mean"], np.float32),
                  np.asarray(meta["std"], np.float32), image_shape, dim, meta["info"],
                  representation)
+
+
+def import_torch_backbone(path: str, directory: str, image_shape, mean, std,
+                          info: dict | None = None) -> Teacher:
+  """Saves a torchvision-layout ResNet checkpoint as a teacher in `directory`.
+
+  Args:
+    path: the checkpoint (see `torch_layout.read_state_dict`).
+    directory: where the teacher goes (`save_teacher`'s layout).
+    image_shape: (H, W, C) of the images it will see.
+    mean, std: (C,) the input normalisation it was trained with.
+    info: more for the card (teacher.json).
+
+  Returns:
+    The teacher, loaded back.
+
+  Raises:
+    DistillError: unreadable file, unknown architecture, or tensors that do
+      not fit it (naming the first offending key and its shapes).
+  """
+  state, dropped = torch_layout.backbone_state(torch_layout.read_state_dict(path))
+  arch = torch_layout.infer_arch(state)
+  channels = int(state["conv1.weight"].shape[1])
+  if channels != image_shape[-1] or len(mean) != channels or len(std) != channels:
+    raise DistillError(f"the checkpoint's conv1 takes {channels} channels; the source has "
+                       f"{image_shape[-1]} and the normalisation {len(mean)}/{len(std)}")
+  variables = torch_layout.to_variables(state, arch, image_shape)
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  card = dict(imported_from=os.path.abspath(path), sha256=digest, tensors=len(state),
+              dropped=len(dropped), dropped_examples=dropped[:8],
+              input_normalization=dict(mean=list(map(float, mean)), std=list(map(float, std))),
+              **(info or {}))
+  save_teacher(directory, arch, {k: {"backbone": v} for k, v in variables.items()}, mean, std,
+               image_shape, card)
+  return load_teacher(directory)
+
+
+def export_torch_backbone(teacher: Teacher, path: str) -> str:
+  """Writes a torchvision-layout teacher's backbone as `.safetensors` (torch names and
+  layouts; loads with `resnet.load_state_dict(..., strict=False)`, fc aside)."""
+  if not isinstance(teacher.model, TorchResNet):
+    raise DistillError(f"only torchvision-layout teachers ({', '.join(TORCH_RESNETS)}) export "
+                       f"to torchvision's layout; this one is "
+                       f"{type(teacher.model).__name__} (train with teacher.arch.name="
+                       f"'tv_resnet18')")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  torch_layout.save_safetensors(path, torch_layout.from_variables(teacher.variables))
+  return path
 
 
 def build_barlow_twins(cfg: ml_collections.ConfigDict) -> BarlowTwins:

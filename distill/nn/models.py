@@ -117,7 +117,90 @@ class ResNet(nn.Module):
     return features, outputs
 
 
-ARCHS = ("convnet", "resnet10", "resnet18")
+class _TorchBasicBlock(nn.Module):
+  """torchvision's BasicBlock: conv3x3-bn-relu-conv3x3-bn + shortcut, torch padding."""
+  channels: int
+  stride: int
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                   name=name)
+    y = nn.Conv(self.channels, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
+    y = nn.relu(bn("bn1")(y))
+    y = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = bn("bn2")(y)
+    return nn.relu(y + _torch_shortcut(x, y.shape[-1], self.stride, bn))
+
+
+class _TorchBottleneck(nn.Module):
+  """torchvision's Bottleneck (v1.5: the stride on the 3x3 conv), expansion 4."""
+  channels: int
+  stride: int
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                   name=name)
+    y = nn.relu(bn("bn1")(nn.Conv(self.channels, (1, 1), use_bias=False, name="conv1")(x)))
+    y = nn.Conv(self.channels, (3, 3), self.stride, padding=1, use_bias=False, name="conv2")(y)
+    y = nn.relu(bn("bn2")(y))
+    y = nn.Conv(self.channels * 4, (1, 1), use_bias=False, name="conv3")(y)
+    y = bn("bn3")(y)
+    return nn.relu(y + _torch_shortcut(x, y.shape[-1], self.stride, bn))
+
+
+def _torch_shortcut(x, channels: int, stride: int, bn):
+  if x.shape[-1] == channels and stride == 1:
+    return x
+  x = nn.Conv(channels, (1, 1), stride, padding=0, use_bias=False, name="downsample_0")(x)
+  return bn("downsample_1")(x)
+
+
+class TorchResNet(nn.Module):
+  """A ResNet laid out and padded as torchvision's, so its weights import exactly.
+
+  Layer names follow torchvision's state dict ("layer2.0.downsample.0" is
+  `layer2_0/downsample_0`, see `distill.nn.torch_layout`); convolutions pad
+  as torch does (explicitly, symmetric), which differs from "SAME" at
+  stride 2. `stem` "imagenet" is torchvision's (7x7 stride-2 conv, 3x3
+  stride-2 max-pool); "cifar" is the 3x3 stride-1 conv without max-pool of
+  CIFAR checkpoints (solo-learn, the official KRR-ST teacher).
+  Features: global-average-pooled, 512 wide (2048 for ResNet-50).
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  bottleneck: bool = False
+  stem: str = "cifar"
+  width: int = 64
+  num_outputs: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn1")
+    if self.stem == "imagenet":
+      x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False, name="conv1")(x)
+      x = nn.relu(bn(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    elif self.stem == "cifar":
+      x = nn.relu(bn(nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="conv1")(x)))
+    else:
+      raise DistillError(f"unknown ResNet stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+    block = _TorchBottleneck if self.bottleneck else _TorchBasicBlock
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        x = block(self.width * 2**i, 2 if i > 0 and j == 0 else 1,
+                  name=f"layer{i + 1}_{j}")(x, train)
+    features = jnp.mean(x, axis=(1, 2))
+    outputs = nn.Dense(self.num_outputs, name="head")(features) if self.num_outputs else None
+    return features, outputs
+
+
+# torchvision-layout ResNets: (stage sizes, bottleneck blocks).
+TORCH_RESNETS = {"tv_resnet18": ((2, 2, 2, 2), False), "tv_resnet34": ((3, 4, 6, 3), False),
+                 "tv_resnet50": ((3, 4, 6, 3), True)}
+ARCHS = ("convnet", "resnet10", "resnet18", *TORCH_RESNETS)
 
 
 def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) -> nn.Module:
@@ -146,6 +229,11 @@ def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) ->
     return ResNet(stage_sizes=stages, width=arch["width"],
                   norm="batch" if norm == "default" else norm,
                   num_outputs=num_outputs)
+  if name in TORCH_RESNETS:
+    stages, bottleneck = TORCH_RESNETS[name]
+    return TorchResNet(stage_sizes=stages, bottleneck=bottleneck,
+                       stem=arch.get("stem", "cifar"), width=arch.get("width", 64),
+                       num_outputs=num_outputs)
   raise DistillError(f"unknown architecture {name!r}; expected one of {ARCHS}")
 
 

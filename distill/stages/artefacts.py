@@ -196,5 +196,36 @@ def found(stage: str, path: str) -> None:
 
 
 def workdir_teacher(config: ml_collections.ConfigDict, workdir: str) -> barlow_twins.Teacher:
-  """The workdir's teacher, handing on the representation the config names."""
-  return barlow_twins.load_teacher(os.path.join(workdir, "teacher"), config.teacher.representation)
+  """The workdir's teacher, handing on the representation the config names.
+
+  With `teacher.checkpoint` set and no teacher in the workdir yet, the
+  checkpoint is imported first (`import_teacher`), so any stage can start
+  from an imported teacher.
+  """
+  directory = os.path.join(workdir, "teacher")
+  if config.teacher.checkpoint and not os.path.exists(os.path.join(directory, "teacher.json")):
+    import_teacher(config, workdir)
+  return barlow_twins.load_teacher(directory, config.teacher.representation)
+
+
+def import_teacher(config: ml_collections.ConfigDict, workdir: str) -> barlow_twins.Teacher:
+  """Imports `teacher.checkpoint` into `<workdir>/teacher/`, probed on the target.
+
+  The card (teacher.json) records the checkpoint's path and sha256, the
+  architecture found in it, what was dropped (heads, counters), the input
+  normalisation and the source resolution it is used at.
+  """
+  cfg = config.teacher
+  directory = os.path.join(workdir, "teacher")
+  source = load_source(config)
+  image_shape = source.images.shape[1:]
+  mean, std = np.asarray(cfg.checkpoint_mean, np.float32), np.asarray(cfg.checkpoint_std,
+                                                                      np.float32)
+  teacher = barlow_twins.import_torch_backbone(cfg.checkpoint, directory, image_shape, mean, std,
+                                               dict(source=source.name))
+  probe = probe_backbone(config, teacher.model, teacher.variables, image_shape, mean, std)
+  log(f"[teacher] imported {cfg.checkpoint} ({teacher.model.__class__.__name__}, "
+      f"{teacher.info['tensors']} tensors, {teacher.info['dropped']} dropped); linear-probe "
+      f"accuracy on {config.data.target}: {probe['accuracy']:.4f}")
+  barlow_twins.add_to_card(directory, probe=probe)
+  return barlow_twins.load_teacher(directory, cfg.representation)

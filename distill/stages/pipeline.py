@@ -11,7 +11,7 @@ from distill.stages.krr_st import run_krr_st
 from distill.stages.param_match import run_experts, run_param_match
 from distill.stages.selection import run_influence, run_prune_source
 from distill.stages.table import run_table
-from distill.stages.teacher import run_teacher
+from distill.stages.teacher import run_export_teacher, run_import_teacher, run_teacher
 
 
 def run(config, workdir: str) -> dict:
@@ -27,6 +27,7 @@ def run(config, workdir: str) -> dict:
 
 
 # The `distill` subcommands: each is `(config, workdir) -> artefact`.
-STAGES = {"run": run, "teacher": run_teacher, "krr-st": run_krr_st,
+STAGES = {"run": run, "teacher": run_teacher, "import-teacher": run_import_teacher,
+          "export-teacher": run_export_teacher, "krr-st": run_krr_st,
           "experts": run_experts, "param-match": run_param_match, "table": run_table,
           "transfer": run_table, "prune-source": run_prune_source, "influence": run_influence}

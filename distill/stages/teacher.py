@@ -12,10 +12,12 @@ import time
 
 from distill import files, plots
 from distill.data import datasets
+from distill.errors import DistillError
 from distill.methods import barlow_twins
 from distill.nn.loop import log
 from distill.nn.models import build_model
-from distill.stages.artefacts import found, load_source, probe_backbone
+from distill.stages.artefacts import (found, import_teacher, load_source, probe_backbone,
+                                      workdir_teacher)
 
 TEACHER = "teacher"
 
@@ -26,6 +28,8 @@ def run_teacher(config, workdir: str) -> barlow_twins.Teacher:
   if os.path.exists(os.path.join(directory, "teacher.json")):
     found("teacher", directory)
     return barlow_twins.load_teacher(directory)
+  if config.teacher.checkpoint:
+    return import_teacher(config, workdir)
   if config.teacher.infobatch.prune_ratio > 0:
     teacher, report = train_infobatch_teacher(config, workdir, load_source(config).images)
     probe = probe_backbone(config, teacher.model, teacher.variables, teacher.image_shape,
@@ -86,3 +90,23 @@ def train_infobatch_teacher(config, workdir: str, images,
 def _as_barlow_twins(backbone: dict) -> dict:
   """Backbone variables in the layout `save_teacher` takes (under "backbone")."""
   return {k: {"backbone": v} for k, v in backbone.items()}
+
+
+def run_import_teacher(config, workdir: str) -> barlow_twins.Teacher:
+  """Imports `teacher.checkpoint` (a torchvision-layout ResNet) as the workdir's teacher."""
+  if not config.teacher.checkpoint:
+    raise DistillError("import-teacher needs the checkpoint: --set teacher.checkpoint=PATH "
+                       "(.safetensors, .npz, or .pt/.pth with torch installed)")
+  return run_teacher(config, workdir)
+
+
+def run_export_teacher(config, workdir: str) -> str:
+  """Writes the workdir's teacher as torchvision-layout `.safetensors`
+  (`<workdir>/teacher/backbone_torchvision.safetensors`)."""
+  teacher = workdir_teacher(config, workdir)
+  path = os.path.join(workdir, TEACHER, "backbone_torchvision.safetensors")
+  barlow_twins.export_torch_backbone(teacher, path)
+  log(f"[teacher] wrote {path} (torchvision names and layouts; input normalisation "
+      f"mean {teacher.mean.tolist()}, std {teacher.std.tolist()}, images "
+      f"{tuple(teacher.image_shape)})")
+  return path
