@@ -160,8 +160,10 @@ def format_markdown(results: dict, config, rows: Sequence[str]) -> str:
     lines.append("")
   t = results.get("teacher", {})
   if t.get("probe") is not None:
+    origin = (f"imported from {t['imported_from']}" if t.get("imported_from") else
+              f"trained in {t.get('train_seconds') or 0:.0f} s")
     lines.append(f"Teacher: linear probe {100 * t['probe']:.2f}% on {config.data.target}, "
-                 f"trained in {t.get('train_seconds') or 0:.0f} s.")
+                 f"{origin}.")
   return "\n".join(lines) + "\n"
 
 

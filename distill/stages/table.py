@@ -151,7 +151,8 @@ def run_table(config, workdir: str) -> dict:
             results = add_runs(path, [run])
             done |= {table.run_key(r) for r in results["runs"]}
   results["teacher"] = {"probe": teacher.info.get("probe", {}).get("accuracy"),
-                        "train_seconds": teacher.info.get("train_seconds")}
+                        "train_seconds": teacher.info.get("train_seconds"),
+                        "imported_from": teacher.info.get("imported_from")}
   return write_outputs(results, config, workdir)
 
 

@@ -1,8 +1,10 @@
-"""Stage 1: the Barlow Twins teacher -> `<workdir>/teacher/`.
+"""Stage 1: the teacher -> `<workdir>/teacher/`.
 
-The teacher is trained on the source (plainly, or with InfoBatch pruning
-when `teacher.infobatch.prune_ratio` > 0), probed on the target, and saved
-as `teacher.json` + `variables.msgpack` with its loss curve.
+The teacher is trained with Barlow Twins on the source (plainly, or with
+InfoBatch pruning when `teacher.infobatch.prune_ratio` > 0), or imported from
+a torchvision-layout checkpoint (`teacher.checkpoint`); then probed on the
+target and saved as `teacher.json` (its card) + `variables.msgpack`.
+`export-teacher` writes a torchvision-layout teacher back out.
 """
 
 from __future__ import annotations
@@ -36,9 +38,7 @@ def run_teacher(config, workdir: str) -> barlow_twins.Teacher:
                            teacher.mean, teacher.std)
     log(f"[teacher] InfoBatch skipped {100 * report.get('skipped_fraction', 0):.1f}% of "
         f"sample-steps; linear-probe accuracy on {config.data.target}: {probe['accuracy']:.4f}")
-    barlow_twins.save_teacher(directory, config.teacher.arch.to_dict(),
-                              _as_barlow_twins(teacher.variables), teacher.mean, teacher.std,
-                              teacher.image_shape, {**teacher.info, "probe": probe})
+    barlow_twins.add_to_card(directory, probe=probe)
     return barlow_twins.load_teacher(directory)
   cfg = config.teacher
   t0 = time.perf_counter()
@@ -86,10 +86,6 @@ def train_infobatch_teacher(config, workdir: str, images,
   files.write_json(report_path, report)
   return barlow_twins.load_teacher(directory), report
 
-
-def _as_barlow_twins(backbone: dict) -> dict:
-  """Backbone variables in the layout `save_teacher` takes (under "backbone")."""
-  return {k: {"backbone": v} for k, v in backbone.items()}
 
 
 def run_import_teacher(config, workdir: str) -> barlow_twins.Teacher:
