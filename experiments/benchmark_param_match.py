@@ -37,13 +37,17 @@ def bench_one(syn_steps: int, remat: bool, width: int, depth: int, n: int, syn_b
   import numpy as np
 
   from distill.config import base_config
-  from distill.nn.models import ConvNet
   from distill.methods.param_match import ParamMatch, initial_soft_labels
+  from distill.nn.models import ConvNet
 
-  cfg = base_config().param_match
+  config = base_config()
+  cfg = config.param_match
   with cfg.unlocked():
+    # alpha_init 0 means "the experts' lr" in the stage; here there are no
+    # experts, so the CE experts' default lr stands in (timing does not depend on it).
     cfg.update(dict(method="iadd", granularity="parameter", syn_steps=syn_steps,
-                    syn_batch=syn_batch, remat=remat, augment=True))
+                    syn_batch=syn_batch, remat=remat, augment=True,
+                    alpha_init=float(config.experts.lr_ce)))
   model = ConvNet(width=width, depth=depth, num_outputs=num_classes)
   method = ParamMatch(cfg, model, "ce")
   r = np.random.default_rng(0)
