@@ -125,8 +125,7 @@ class _TorchBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                   name=name)
+    bn = functools.partial(_torch_batch_norm, train)
     y = nn.Conv(self.channels, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, name="conv2")(y)
@@ -142,14 +141,18 @@ class _TorchBottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                   name=name)
+    bn = functools.partial(_torch_batch_norm, train)
     y = nn.relu(bn("bn1")(nn.Conv(self.channels, (1, 1), use_bias=False, name="conv1")(x)))
     y = nn.Conv(self.channels, (3, 3), self.stride, padding=1, use_bias=False, name="conv2")(y)
     y = nn.relu(bn("bn2")(y))
     y = nn.Conv(self.channels * 4, (1, 1), use_bias=False, name="conv3")(y)
     y = bn("bn3")(y)
     return nn.relu(y + _torch_shortcut(x, y.shape[-1], self.stride, bn))
+
+
+def _torch_batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  """torch's BatchNorm2d defaults (momentum 0.1 = flax's 0.9, eps 1e-5), named as torch's."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _torch_shortcut(x, channels: int, stride: int, bn):
@@ -178,7 +181,7 @@ class TorchResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
-    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn1")
+    bn = _torch_batch_norm(train, "bn1")
     if self.stem == "imagenet":
       x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False, name="conv1")(x)
       x = nn.relu(bn(x))

@@ -56,31 +56,32 @@ def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
       extra=dict(seconds=seconds, indices=idx.tolist(), **(extra or {})))
 
 
-def random_set(config, workdir: str, n: int, seed: int, source, teacher
-               ) -> synthetic_set.SyntheticSet:
-  """n random real images with teacher targets; one subset per evaluation seed."""
-  path = os.path.join(workdir, "sets", f"random_n{n}_seed{seed}.npz")
+def _selected_set(path: str, method: str, pick, config, workdir: str, source, teacher
+                  ) -> synthetic_set.SyntheticSet:
+  """The real images `pick()` selects, with teacher targets; read from `path` if there."""
   if os.path.exists(path):
     return synthetic_set.load_synthetic(path)
   t0 = time.perf_counter()
-  idx = coresets.random_subset(len(source.images), n, 1000 + seed)
-  out = _real_set("random", idx, source, teacher, config, t0)
-  save_set(path, out, workdir, "random")
+  out = _real_set(method, pick(), source, teacher, config, t0)
+  save_set(path, out, workdir, method)
   return out
+
+
+def random_set(config, workdir: str, n: int, seed: int, source, teacher
+               ) -> synthetic_set.SyntheticSet:
+  """n random real images with teacher targets; one subset per evaluation seed."""
+  return _selected_set(os.path.join(workdir, "sets", f"random_n{n}_seed{seed}.npz"), "random",
+                       lambda: coresets.random_subset(len(source.images), n, 1000 + seed),
+                       config, workdir, source, teacher)
 
 
 def kmeans_set(config, workdir: str, n: int, seed: int, source, teacher
                ) -> synthetic_set.SyntheticSet:
   """The real images nearest to n k-means centroids of the teacher's features."""
-  path = os.path.join(workdir, "sets", f"kmeans_n{n}.npz")
-  if os.path.exists(path):
-    return synthetic_set.load_synthetic(path)
-  t0 = time.perf_counter()
-  features = source_features(source, teacher)
-  idx = coresets.kmeans_coreset(features, n, config.seed)
-  out = _real_set("kmeans", idx, source, teacher, config, t0)
-  save_set(path, out, workdir, "kmeans")
-  return out
+  return _selected_set(os.path.join(workdir, "sets", f"kmeans_n{n}.npz"), "kmeans",
+                       lambda: coresets.kmeans_coreset(source_features(source, teacher), n,
+                                                       config.seed),
+                       config, workdir, source, teacher)
 
 
 def kip_set(config, workdir: str, n: int, seed: int, source, teacher
