@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     from distill.config import load_config
     from distill.stages import artefacts, pipeline
     config = load_config(args.config, args.set)
+    from distill.nn import parallel
+    # Before anything touches a device: a multi-process run joins its peers here.
+    try:
+      parallel.initialize(config.parallel.coordinator_address, config.parallel.num_processes,
+                          config.parallel.process_id)
+    except ValueError as e:
+      raise DistillError(str(e)) from None
     stage = pipeline.STAGES[args.command]
     if args.command != "run":
       artefacts.prepare_workdir(config, args.workdir)

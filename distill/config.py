@@ -70,6 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
       # ImageNet statistics by default), per channel of the source.
       checkpoint_mean=(0.485, 0.456, 0.406),
       checkpoint_std=(0.229, 0.224, 0.225),
+      # Teacher-view cache (distill/methods/teacher_views.py): 0 = run the
+      # teacher on a fresh random crop + flip of every real batch; V > 0 =
+      # compute its representations of V fixed views per source image once
+      # (view 0 = the image itself), stored memory-mapped in the workdir, and
+      # draw (image, view) pairs instead (KRR-ST, knowledge-distillation experts).
+      views=0,
+      views_dtype="float16",   # storage: "float16" or "float32"
       # InfoBatch dynamic pruning (distill/selection/infobatch.py); `distill teacher`
       # uses it when prune_ratio > 0.
       infobatch=ml_collections.ConfigDict(dict(
@@ -93,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
       reg_scaling="trace",     # reference convention: reg * trace(K_ss)
       ridge_form="auto",       # "dual" (n x n), "primal" (p x p) or "auto" (smaller)
       augment_real=True,
+      # "bfloat16": the pool's convolutions in bf16 (mixed precision; the
+      # kernel, the ridge solve and the learned set stay float32).
+      compute_dtype="float32",
       # The paper's pool for 32x32 sources (convnet_128_256_512_bn): batch
       # norm in train mode for the inner step, eval mode (running statistics)
       # for the kernel features. arch.widths=() with norm "instance" gives
@@ -258,6 +268,20 @@ def base_config() -> ml_collections.ConfigDict:
       sweep_rows=("random", "krr_st"),
       full_epochs=10,          # pretraining epochs of the "full" row
       results_path="",         # also write <results_path>.{md,json,csv,png}
+  ))
+
+  # Devices and hosts (distill/nn/parallel.py). One device: nothing to set.
+  # Several devices of one process: every loop is data parallel on its own.
+  # Several processes: each is started with the same command and config plus
+  # its id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+  c.parallel = ml_collections.ConfigDict(dict(
+      coordinator_address="",  # "host:port" of process 0; "" = environment or one process
+      num_processes=0,
+      process_id=-1,
+      # Split KRR-ST's synthetic set along n over the devices from this size
+      # on (its features are gathered for the kernel); smaller sets are
+      # replicated. 0 = never split.
+      shard_synthetic_from=2048,
   ))
 
   c.lock()

@@ -25,8 +25,29 @@ def normalize_batch(images: jax.Array, mean, std) -> jax.Array:
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def crop_flip(x: jax.Array, offsets: jax.Array, flip: jax.Array, pad: int = 4) -> jax.Array:
+  """A given crop after zero padding, then a given horizontal flip, per image.
+
+  Args:
+    x: (B, H, W, C) images.
+    offsets: (B, 2) int top-left corners in the padded image, in [0, 2 * pad]
+      ((pad, pad) is the uncropped image).
+    flip: (B,) bool, flip image b left-right.
+    pad: pixels of padding on each side (0: no cropping, offsets ignored).
+
+  Returns:
+    (B, H, W, C) views.
+  """
+  b, h, w, _ = x.shape
+  if pad:
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+    x = jax.vmap(crop)(padded, offsets)
+  return jnp.where(flip.reshape(b, 1, 1, 1), x[:, :, ::-1, :], x)
+
+
 def random_crop_flip(rng: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
-  """Random crop after zero padding, plus random horizontal flip.
+  """Random crop after zero padding, plus random horizontal flip (`crop_flip`).
 
   Args:
     rng: PRNG key.
@@ -36,15 +57,11 @@ def random_crop_flip(rng: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
   Returns:
     (B, H, W, C) augmented images.
   """
-  b, h, w, _ = x.shape
+  b = x.shape[0]
   k_crop, k_flip = jax.random.split(rng)
-  if pad:
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
-    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
-    x = jax.vmap(crop)(padded, offsets)
+  offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
   flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
-  return jnp.where(flip, x[:, :, ::-1, :], x)
+  return crop_flip(x, offsets, flip.reshape(b), pad)
 
 
 def _resized_crop(rng, img, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):

@@ -32,7 +32,7 @@ import ml_collections
 import optax
 
 from distill.data import augment
-from distill.methods import barlow_twins, pool as pool_lib
+from distill.methods import barlow_twins, pool as pool_lib, teacher_views
 from distill.nn.models import build_model
 from distill.nn.optim import outer_optimizer
 from kernels.ridge import krr_predict, with_bias
@@ -83,7 +83,8 @@ class KRRST:
     pool_model = build_model(cfg.pool.arch, num_outputs=target_dim)
     self.pool_fns = pool_lib.make_pool_fns(pool_model, image_shape, cfg.pool.lr,
                                            cfg.pool.momentum,
-                                           cfg.pool.get("weight_decay", 0.0))
+                                           cfg.pool.get("weight_decay", 0.0),
+                                           cfg.get("compute_dtype", "float32"))
     self.teacher_model = teacher_model
     self.representation = representation
     self.optimizer = outer_optimizer(cfg)
@@ -113,22 +114,32 @@ class KRRST:
     x = augment.normalize_batch(batch_uint8, self.mean, self.std)
     return augment.random_crop_flip(rng, x) if self.cfg.augment_real else x
 
+  def real_batch(self, batch, rng, teacher_vars, num_classes: int):
+    """The step's real views (B, H, W, C) and their targets (B, d).
+
+    `batch` is one of: uint8 images (the teacher runs on a fresh random
+    view of each); `(images, labels)` (supervised variant, one-hot
+    targets); or a teacher-view cache batch {"images", "views", "targets"}
+    (teacher_views.cached_real_batch: the stored view is applied, the
+    stored representation is the target, the teacher does not run).
+    """
+    if isinstance(batch, dict):
+      x = augment.normalize_batch(batch["images"], self.mean, self.std)
+      return (teacher_views.apply_views(x, batch["views"]),
+              batch["targets"].astype(jnp.float32))
+    if self.teacher_model is None:
+      images, labels = batch
+      return self.real_views(rng, images), jax.nn.one_hot(labels, num_classes)
+    x = self.real_views(rng, batch)
+    return x, barlow_twins.represent(self.teacher_model, teacher_vars, x, self.representation)
+
   def _step(self, state: dict, batch, rng: jax.Array, teacher_vars):
     cfg = self.cfg
-    if self.teacher_model is None:
-      batch_uint8, labels = batch
-      num_classes = state["synthetic"]["targets"].shape[-1]
-    else:
-      batch_uint8 = batch
     k_pick, k_aug, k_reset = jax.random.split(rng, 3)
     index = jax.random.randint(k_pick, (), 0, cfg.pool.size)
     member = pool_lib.pool_member(state["pool"], index)   # (params, batch_stats)
-    x_real = self.real_views(k_aug, batch_uint8)
-    if self.teacher_model is None:
-      target_real = jax.nn.one_hot(labels, num_classes)
-    else:
-      target_real = barlow_twins.represent(self.teacher_model, teacher_vars, x_real,
-                                           self.representation)
+    x_real, target_real = self.real_batch(batch, k_aug, teacher_vars,
+                                          state["synthetic"]["targets"].shape[-1])
     phi_real = with_bias(self.member_features(member, x_real))
     loss_fn = functools.partial(krr_outer_loss, self.member_features, member,
                                 phi_real=jax.lax.stop_gradient(phi_real),

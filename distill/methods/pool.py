@@ -39,6 +39,9 @@ from distill.errors import DistillError
 from distill.nn.models import apply_model
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 class PoolFns(NamedTuple):
   """Pure functions of one pool configuration (bind once, jit inside).
 
@@ -59,7 +62,7 @@ def _variables(params, batch_stats) -> dict:
 
 
 def make_pool_fns(model: nn.Module, image_shape, lr: float, momentum: float,
-                  weight_decay: float = 0.0) -> PoolFns:
+                  weight_decay: float = 0.0, compute_dtype: str = "float32") -> PoolFns:
   """Builds the per-model functions for a head-carrying feature extractor.
 
   Args:
@@ -69,9 +72,28 @@ def make_pool_fns(model: nn.Module, image_shape, lr: float, momentum: float,
     lr, momentum: inner SGD settings (momentum 0 = plain SGD).
     weight_decay: coupled L2 decay of the inner SGD (added to the gradient
       before momentum, as torch.optim.SGD does; the paper uses 1e-3).
+    compute_dtype: "float32", or "bfloat16" for mixed precision: the
+      network runs on bf16 copies of its parameters and inputs (the
+      convolutions in bf16), its outputs come back as float32, so the
+      kernel, the ridge solve and the stored parameters stay float32.
   """
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise DistillError(f"unknown compute dtype {compute_dtype!r}; expected one of "
+                       f"{COMPUTE_DTYPES}")
+  dtype = jnp.dtype(compute_dtype)
   optimizer = optax.chain(optax.add_decayed_weights(weight_decay),
                           optax.sgd(lr, momentum=momentum or None))
+
+  def apply(variables, x, train):
+    """apply_model with the compute dtype; float32 outputs and statistics."""
+    if dtype != jnp.float32:
+      # Only the parameters: batch-norm statistics stay float32.
+      variables = {**variables, "params": jax.tree.map(lambda p: p.astype(dtype),
+                                                       variables["params"])}
+      x = x.astype(dtype)
+    outputs, variables = apply_model(model, variables, x, train=train)
+    to_f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    return to_f32(outputs), to_f32(variables.get("batch_stats", {}))
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -79,12 +101,12 @@ def make_pool_fns(model: nn.Module, image_shape, lr: float, momentum: float,
 
   def features(params, batch_stats, x):
     # Eval mode: running averages, nothing mutable, so the state is unchanged.
-    return model.apply(_variables(params, batch_stats), x, train=False)[0]
+    return apply(_variables(params, batch_stats), x, train=False)[0][0]
 
   def inner_step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      (_, out), variables = apply_model(model, _variables(p, batch_stats), x, train=True)
-      return jnp.mean((out - y) ** 2), variables.get("batch_stats", {})
+      (_, out), new_stats = apply(_variables(p, batch_stats), x, train=True)
+      return jnp.mean((out - y) ** 2), new_stats
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from distill import files
+from distill.nn import parallel
 from distill.errors import DistillError
 
 
@@ -67,7 +68,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, like: Any) -> Any:
-    abstract = jax.tree.map(np.asarray, like)
+    abstract = jax.tree.map(np.asarray, parallel.to_host(like))
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -115,21 +116,28 @@ def run_loop(*, name: str, workdir: str, state: Any,
   metrics_path = os.path.join(job_dir, "metrics.jsonl")
   start = ckpt.latest_step() or 0
   history = _read_history(metrics_path, upto=start)
+  quiet = quiet or not parallel.is_main_process()
+  placed = state
   if start:
     state = ckpt.restore(start, state)
     if not quiet:
       print(f"[{name}] resumed from step {start}/{num_steps}", flush=True)
+  # Several devices: the state on all of them (leaves a stage placed otherwise,
+  # e.g. a synthetic set split along n, keep that placement), each batch split.
+  state = parallel.place_like(state, placed)
   # Drop records past the checkpoint (they will be logged again); atomic, so a
   # kill here cannot lose the records before it.
-  files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+  main = parallel.is_main_process()  # the one process that writes records
+  if main:
+    files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
   # purge_step: TensorBoard drops the events past the checkpoint, as the
   # metrics file above does, so a resumed curve has no doubled stretch. The
   # suffix (the start step) keeps a resume within the same second from
   # overwriting the earlier file, and orders the files as TensorBoard reads them.
   board = SummaryWriter(os.path.join(job_dir, "tensorboard"),
                         purge_step=start + 1 if start else None,
-                        filename_suffix=f".from{start:010d}")
-  with contextlib.closing(board):
+                        filename_suffix=f".from{start:010d}") if main else None
+  with contextlib.closing(board) if main else contextlib.nullcontext():
     last_saved = start
     t_last, s_last, t_start = time.perf_counter(), start, time.perf_counter()
     fold_in = jax.jit(jax.random.fold_in)  # eager, it would dispatch op by op each step
@@ -137,7 +145,8 @@ def run_loop(*, name: str, workdir: str, state: Any,
     window, window_len = None, 0
     first_bad = jnp.int32(-1)  # first bad step (1-based), kept on the device
     for step in range(start, num_steps):
-      state, metrics = step_fn(state, batch_fn(step), fold_in(rng, step))
+      state, metrics = step_fn(state, parallel.shard_batch(batch_fn(step)),
+                               fold_in(rng, step))
       # Logged metrics are means over the steps since the last record (summed
       # on the device, so the loop never waits on a step to finish).
       window = metrics if window is None else accumulate(window, metrics)
@@ -147,20 +156,22 @@ def run_loop(*, name: str, workdir: str, state: Any,
       log_now = done % log_every == 0 or done == num_steps
       save_now = (checkpoint_every and done % checkpoint_every == 0) or done == num_steps
       if log_now or save_now:
-        _raise_if_bad(int(first_bad), metrics, name, last_saved, job_dir, hint)
+        _raise_if_bad(int(parallel.to_host(first_bad)), metrics, name, last_saved, job_dir,
+                      hint)
       if log_now:
-        record = {k: float(v) / window_len for k, v in jax.device_get(window).items()}
+        record = {k: float(v) / window_len for k, v in parallel.to_host(window).items()}
         window, window_len = None, 0
         now = time.perf_counter()
         record.update(step=done, steps_per_s=(done - s_last) / max(now - t_last, 1e-9),
                       elapsed_s=now - t_start)
         t_last, s_last = now, done
         history.append(record)
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-          if key != "step":
-            board.add_scalar(key, value, done)
+        if main:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+          for key, value in record.items():
+            if key != "step":
+              board.add_scalar(key, value, done)
         if not quiet:
           eta = (num_steps - done) / max(record["steps_per_s"], 1e-9)
           shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()

@@ -16,11 +16,14 @@ import numpy as np
 from distill.config import to_dict
 from distill.data import datasets, synthetic_set
 from distill.errors import DistillError
+from distill.methods import teacher_views
 from distill.methods.krr_st import KRRST
+from distill.nn import parallel
 from distill.nn.loop import batch_indices, Checkpointer, log, run_loop
 from distill.selection import coresets, source_pruning
 from distill.stages.artefacts import (found, load_source, save_set, set_path,
                                       source_features, workdir_teacher)
+from distill.stages.teacher_views import workdir_views
 
 
 def run_krr_st(config, workdir: str, n: int | None = None,
@@ -74,9 +77,18 @@ def run_krr_st(config, workdir: str, n: int | None = None,
       f"{target_dim}, pool {cfg.pool.size}x{cfg.pool.arch.name}, {cfg.steps} steps")
   images, labels = source.images, source.labels
   batch_size = min(cfg.batch_size, num_source)
+  # The frozen teacher's views, computed once (teacher.views > 0); FRePo has no teacher.
+  cache = None if supervised else workdir_views(config, workdir, source, teacher)
+  if 0 < config.parallel.shard_synthetic_from <= n:
+    # A large set lives split along n; the step's partitioner gathers its features.
+    state = {**state, "synthetic": parallel.shard_leading(state["synthetic"]),
+             "opt_state": parallel.shard_leading(state["opt_state"])}
 
   def batch_fn(i):
     idx = batch_indices(config.seed, i, num_source, batch_size)
+    if cache is not None:
+      return cache.batch(idx, teacher_views.draw_views(config.seed, i, len(idx),
+                                                       cache.num_views, cfg.augment_real))
     return (images[idx], labels[idx]) if supervised else images[idx]
 
   state, history = run_loop(
@@ -85,9 +97,10 @@ def run_krr_st(config, workdir: str, n: int | None = None,
       batch_fn=batch_fn, num_steps=cfg.steps, rng=jax.random.key(config.seed + 2),
       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
       hint=f"raise krr_st.reg (now {cfg.reg}) or lower the outer learning rates")
+  learned = parallel.to_host(state["synthetic"])
   synthetic = synthetic_set.SyntheticSet(
-      images=np.asarray(state["synthetic"]["images"]),
-      targets=np.asarray(state["synthetic"]["targets"]),
+      images=np.asarray(learned["images"]),
+      targets=np.asarray(learned["targets"]),
       labels=source.labels[init_idx].astype(np.int32) if supervised else None,
       method=row, source=source.name,
       teacher="labels" if supervised else
