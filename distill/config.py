@@ -103,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
       # "bfloat16": the pool's convolutions in bf16 (mixed precision; the
       # kernel, the ridge solve and the learned set stay float32).
       compute_dtype="float32",
+      # The held-out objective, after distilling: the outer loss of the set
+      # and of its initial subset on this many fresh pool models (never used
+      # in distillation) over this many source images; 0 models = skip.
+      held_out_models=4,
+      held_out_images=1000,
       # The paper's pool for 32x32 sources (convnet_128_256_512_bn): batch
       # norm in train mode for the inner step, eval mode (running statistics)
       # for the kernel features. arch.widths=() with norm "instance" gives

@@ -42,7 +42,7 @@ import optax
 from distill import files
 from distill.data import augment
 from distill.errors import DistillError
-from distill.methods import barlow_twins
+from distill.methods import barlow_twins, teacher_views
 from distill.nn.loop import batch_indices, run_loop
 from distill.nn.models import build_model
 from distill.selection import infobatch
@@ -93,7 +93,8 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
 
   The state is {"params", "opt_state", "trajectory"}, the trajectory holding
   (epochs + 1, *leaf) snapshots. `batch` is (uint8 images (B,H,W,C), int
-  labels (B,) or None, slot): a slot > 0 records the updated parameters as
+  labels (B,) or None or, for "mse" from a teacher-view cache, its
+  {"views", "targets"} (teacher_views.cached_real_batch), slot): a slot > 0 records the updated parameters as
   snapshot `slot` (the step ends epoch `slot`); slot 0 records nothing.
   `stats` is (mean (C,), std (C,)) of the input normalisation. With
   `weighted` (InfoBatch) the batch also carries (indices (B,), weights (B,)),
@@ -109,14 +110,20 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
     images, labels, slot = batch[:3]
     mean, std = stats
     x = augment.normalize_batch(images, mean, std)
-    if augment_images:
-      x = augment.random_crop_flip(rng, x)
-    if objective == "ce":
-      targets = jax.nn.one_hot(labels, model.num_outputs)
+    if isinstance(labels, dict):
+      # A teacher-view cache batch ("mse"): the stored view and its stored
+      # representation; the teacher does not run.
+      x = teacher_views.apply_views(x, labels["views"])
+      targets = labels["targets"].astype(jnp.float32)
     else:
-      # The teacher sees the same (augmented) view as the expert.
-      targets = jax.lax.stop_gradient(barlow_twins.represent(teacher_model, teacher_vars, x,
-                                                             representation))
+      if augment_images:
+        x = augment.random_crop_flip(rng, x)
+      if objective == "ce":
+        targets = jax.nn.one_hot(labels, model.num_outputs)
+      else:
+        # The teacher sees the same (augmented) view as the expert.
+        targets = jax.lax.stop_gradient(barlow_twins.represent(teacher_model, teacher_vars, x,
+                                                               representation))
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, x)[1]
@@ -152,7 +159,8 @@ def init_expert_state(model: nn.Module, optimizer, rng: jax.Array, image_shape: 
 
 def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
                  num_outputs: int, directory: str, index: int, seed: int,
-                 teacher=None, quiet: bool = False, meta: dict | None = None) -> str:
+                 teacher=None, quiet: bool = False, meta: dict | None = None,
+                 views=None) -> str:
   """Trains expert `index` and writes `directory/expert_XX.npz`; resumable.
 
   Args:
@@ -165,6 +173,9 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
     index: expert number. seed: base seed (expert e uses seed and e).
     teacher: a `teacher.Teacher` ("mse").
     meta: extra metadata stored with the trajectory.
+    views: a teacher-view cache ("mse"; stages.teacher_views.ViewCache):
+      batches carry stored views and representations instead of running
+      the teacher; `cfg.augment` False takes view 0 (the image itself).
 
   Returns:
     The path of the written buffer file.
@@ -187,6 +198,14 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
   state = init_expert_state(model, optimizer, jax.random.fold_in(jax.random.key(seed), index),
                             tuple(images.shape[1:]), cfg.epochs)
   batch_seed = 1000 * seed + index
+
+  def targets_of(idx, i):
+    """What a batch carries besides the images: labels, None, or cached views."""
+    if views is not None:
+      return views.batch(idx, teacher_views.draw_views(batch_seed, i, len(idx),
+                                                       views.num_views, cfg.augment))
+    return None if labels is None else labels[idx]
+
   step_fn = lambda s, b, r: step(s, b, r, stats, teacher_vars)
   t0 = time.perf_counter()
   extra = {}
@@ -195,8 +214,9 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
     state["scores"] = infobatch.init_scores(n)
     state, records, history = infobatch.run_epochs(
         name=name, workdir=directory, state=state, step_fn=step_fn,
-        make_batch=lambda idx, w, _, epoch_end: (
-            images[idx], None if labels is None else labels[idx], np.int32(epoch_end),
+        # The epoch progress (epoch + fraction done) names the batch for the view draw.
+        make_batch=lambda idx, w, progress, epoch_end: (
+            images[idx], targets_of(idx, round(progress * 1e6)), np.int32(epoch_end),
             jnp.asarray(idx), jnp.asarray(w)),
         num_samples=n, batch_size=batch_size, num_epochs=cfg.epochs,
         prune_ratio=ib.prune_ratio, delta=ib.delta, seed=batch_seed, quiet=quiet)
@@ -206,7 +226,7 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
       idx = batch_indices(batch_seed, i, n, batch_size)
       done = i + 1
       slot = done // steps_per_epoch if done % steps_per_epoch == 0 else 0
-      return images[idx], None if labels is None else labels[idx], np.int32(slot)
+      return images[idx], targets_of(idx, i), np.int32(slot)
 
     state, history = run_loop(
         name=name, workdir=directory, state=state, step_fn=step_fn,

@@ -17,7 +17,7 @@ from distill.config import to_dict
 from distill.data import datasets, synthetic_set
 from distill.errors import DistillError
 from distill.methods import teacher_views
-from distill.methods.krr_st import KRRST
+from distill.methods.krr_st import KRRST, held_out_loss
 from distill.nn import parallel
 from distill.nn.loop import batch_indices, Checkpointer, log, run_loop
 from distill.selection import coresets, source_pruning
@@ -98,6 +98,10 @@ def run_krr_st(config, workdir: str, n: int | None = None,
       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
       hint=f"raise krr_st.reg (now {cfg.reg}) or lower the outer learning rates")
   learned = parallel.to_host(state["synthetic"])
+  held_out = None
+  if cfg.held_out_models and not supervised:
+    held_out = held_out_report(config, method, source, teacher, learned,
+                               {"images": x0, "targets": y0})
   synthetic = synthetic_set.SyntheticSet(
       images=np.asarray(learned["images"]),
       targets=np.asarray(learned["targets"]),
@@ -108,9 +112,32 @@ def run_krr_st(config, workdir: str, n: int | None = None,
       image_mean=teacher.mean, image_std=teacher.std, config=to_dict(config), step=cfg.steps,
       extra=dict(seconds=time.perf_counter() - t0,
                  final_loss=history[-1]["loss"] if history else None,
-                 init_indices=init_idx.tolist()))
+                 held_out=held_out, init_indices=init_idx.tolist()))
   save_set(out_path, synthetic, workdir, name, history)
   return synthetic
+
+
+def held_out_report(config, method: KRRST, source, teacher, learned: dict,
+                    initial: dict) -> dict:
+  """The outer loss of the learned set and of its initial subset on a fresh pool.
+
+  `krr_st.held_out_models` fresh models (a key the distillation never
+  uses), `krr_st.held_out_images` seeded source images, un-augmented, with
+  the teacher's targets (`krr_st.held_out_loss`).
+  """
+  cfg = config.krr_st
+  num = min(cfg.held_out_images, len(source.images))
+  idx = coresets.random_subset(len(source.images), num, config.seed + 17)
+  real_x = datasets.normalize(source.images[idx], teacher.mean, teacher.std)
+  real_y = teacher.features(real_x)
+  key = jax.random.key(config.seed + 10_000)
+  report = {k: held_out_loss(method, s, real_x, real_y, key, cfg.held_out_models)["loss"]
+            for k, s in (("learned", learned), ("initial", initial))}
+  report.update(models=cfg.held_out_models, images=num)
+  log(f"[krr_st] held-out outer loss on {cfg.held_out_models} fresh pool models, {num} "
+      f"source images: learned set {report['learned']:.4g}, its initial subset "
+      f"{report['initial']:.4g}")
+  return report
 
 
 INITS = ("random", "kmeans", "pruned")

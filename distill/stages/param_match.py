@@ -17,6 +17,7 @@ from distill.methods import experts, param_match
 from distill.nn.loop import log, run_loop
 from distill.selection import coresets
 from distill.stages.artefacts import found, load_source, save_set, workdir_teacher
+from distill.stages.teacher_views import workdir_views
 
 
 def run_experts(config, workdir: str) -> experts.ExpertBuffer:
@@ -36,6 +37,8 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
   else:
     teacher = workdir_teacher(config, workdir)
     num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
+  # Knowledge-distillation experts read the teacher's cached views (teacher.views > 0).
+  views = None if teacher is None else workdir_views(config, workdir, source, teacher)
   log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
       f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")
   for e in range(cfg.num_experts):
@@ -45,7 +48,7 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
       continue
     experts.train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
                          std, num_outputs, directory, e, config.seed, teacher=teacher,
-                         meta=dict(source=source.name))
+                         meta=dict(source=source.name), views=views)
     log(f"[experts] wrote {path}")
   return experts.load_buffer(directory)
 

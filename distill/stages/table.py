@@ -32,6 +32,7 @@ from distill.nn.models import extract_features
 from distill.stages import sets
 from distill.stages.artefacts import (load_source, load_target, main_target, parse_target,
                                       source_features, workdir_teacher)
+from distill.stages.teacher_views import workdir_views
 
 
 def plan(config) -> list[table.Job]:
@@ -88,7 +89,10 @@ def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict,
     if "full" not in cache:
       t0 = time.perf_counter()
       images = datasets.normalize(source.images, teacher.mean, teacher.std)
-      targets = source_features(source, teacher)
+      views = workdir_views(config, workdir, source, teacher)
+      # View 0 of a teacher-view cache is the image itself: no teacher pass needed.
+      targets = (source_features(source, teacher) if views is None
+                 else np.asarray(views.targets[:, 0], np.float32))
       cache["full"] = images, targets, time.perf_counter() - t0  # teacher targets of all
     images, targets, set_seconds = cache["full"]
     with pre.unlocked():

@@ -1,0 +1,149 @@
+"""The teacher-view cache: exact agreement with running the teacher, resumption, use."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill.config import base_config
+from distill.data import augment
+from distill.methods import barlow_twins, teacher_views
+from distill.methods.krr_st import KRRST
+from distill.nn.models import build_model, init_model
+from distill.stages import teacher_views as cache_stage
+from tests.conftest import smoke_args
+
+SHAPE = (8, 8, 3)
+MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+  model = build_model(dict(name="convnet", width=4, depth=2))
+  variables = init_model(model, jax.random.key(3), SHAPE)
+  return barlow_twins.Teacher(model, variables, MEAN, STD, SHAPE, dim=16, info={},
+                              representation="features")
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.default_rng(0).integers(0, 256, size=(37, *SHAPE)).astype(np.uint8)
+
+
+def test_view_table_starts_with_the_identity_and_covers_crops_and_flips():
+  table = teacher_views.view_table(0, 500, 4)
+  assert table.shape == (500, 4, 3) and table.dtype == np.uint8
+  np.testing.assert_array_equal(table[:, 0], np.tile([4, 4, 0], (500, 1)))
+  rest = table[:, 1:].reshape(-1, 3)
+  assert rest[:, :2].min() == 0 and rest[:, :2].max() == 8  # every offset of pad 4
+  assert 0.4 < rest[:, 2].mean() < 0.6
+  np.testing.assert_array_equal(table, teacher_views.view_table(0, 500, 4))  # seeded
+  assert not np.array_equal(table, teacher_views.view_table(1, 500, 4))
+
+
+def test_identity_view_is_the_image_and_views_match_random_crop_flip():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(5, *SHAPE)), jnp.float32)
+  identity = jnp.tile(jnp.asarray([[4, 4, 0]], jnp.uint8), (5, 1))
+  np.testing.assert_array_equal(teacher_views.apply_views(x, identity), x)
+  # random_crop_flip is crop_flip of its own draws: the same function.
+  key = jax.random.key(5)
+  k_crop, k_flip = jax.random.split(key)
+  offsets = jax.random.randint(k_crop, (5, 2), 0, 9)
+  flip = jax.random.bernoulli(k_flip, 0.5, (5, 1, 1, 1)).reshape(5)
+  views = jnp.concatenate([offsets, flip[:, None].astype(jnp.int32)], 1).astype(jnp.uint8)
+  np.testing.assert_array_equal(teacher_views.apply_views(x, views),
+                                augment.random_crop_flip(key, x))
+
+
+def test_cache_agrees_exactly_with_the_teacher_on_the_same_views(teacher, images, tmp_path):
+  cache_stage.build(str(tmp_path / "f32"), images, teacher, 3, seed=0, dtype="float32",
+                    chunk=10)
+  table = np.load(tmp_path / "f32" / "views.npy")
+  targets = np.load(tmp_path / "f32" / "targets.npy")
+  assert targets.shape == (37, 3, 16) and targets.dtype == np.float32
+  represent = teacher_views.represent_views_fn(teacher.model, "features")
+  for v in range(3):
+    for lo in range(0, 37, 10):
+      # Same images, same views, same batch: bit for bit.
+      direct = represent(teacher.variables, images[lo:lo + 10], table[lo:lo + 10, v], MEAN, STD)
+      np.testing.assert_array_equal(targets[lo:lo + 10, v], np.asarray(direct))
+    # The teacher itself on the views, made by hand from the table.
+    x = augment.crop_flip(augment.normalize_batch(images, MEAN, STD),
+                          jnp.asarray(table[:, v, :2], jnp.int32), jnp.asarray(table[:, v, 2] > 0))
+    np.testing.assert_allclose(targets[:, v], teacher.features(np.asarray(x)), atol=1e-5)
+  # float16 storage holds the float32 values rounded once.
+  cache_stage.build(str(tmp_path / "f16"), images, teacher, 3, seed=0, chunk=10)
+  np.testing.assert_array_equal(np.load(tmp_path / "f16" / "targets.npy"),
+                                targets.astype(np.float16))
+  card = json.load(open(tmp_path / "f16" / "card.json"))
+  assert card["bytes"] == 37 * 3 * 16 * 2 and card["seconds"] > 0
+
+
+def test_a_killed_build_resumes_where_it_stopped(teacher, images, tmp_path, monkeypatch):
+  calls = {"n": 0}
+  real = teacher_views.represent_views_fn(teacher.model, "features")
+
+  def dying(*args):
+    calls["n"] += 1
+    if calls["n"] > 4:  # dies in the third chunk (2 views per chunk)
+      raise KeyboardInterrupt
+    return real(*args)
+
+  monkeypatch.setattr(teacher_views, "represent_views_fn", lambda *a: dying)
+  with pytest.raises(KeyboardInterrupt):
+    cache_stage.build(str(tmp_path / "c"), images, teacher, 2, seed=0, chunk=10)
+  progress = json.load(open(tmp_path / "c" / "progress.json"))
+  assert progress["done"] == 2 and not (tmp_path / "c" / "card.json").exists()
+  monkeypatch.setattr(teacher_views, "represent_views_fn", lambda *a: real)
+  cache_stage.build(str(tmp_path / "c"), images, teacher, 2, seed=0, chunk=10)
+  cache_stage.build(str(tmp_path / "whole"), images, teacher, 2, seed=0, chunk=10)
+  np.testing.assert_array_equal(np.load(tmp_path / "c" / "targets.npy"),
+                                np.load(tmp_path / "whole" / "targets.npy"))
+  assert not (tmp_path / "c" / "progress.json").exists()
+
+
+def test_krr_st_step_on_a_cache_batch_equals_the_step_running_the_teacher(teacher, images):
+  cfg = base_config().krr_st
+  with cfg.unlocked():
+    cfg.update(dict(num_synthetic=6, steps=3, reg=1e-3, reg_scaling="trace_over_n",
+                    augment_real=False))
+    cfg.pool.update(dict(size=2, max_age=5))
+    cfg.pool.arch.update(dict(width=8, depth=2, widths=(), norm="instance"))
+  method = KRRST(cfg, SHAPE, 16, teacher.model, MEAN, STD)
+  x0 = np.asarray(augment.normalize_batch(images[:6], MEAN, STD))
+  state = method.init(jax.random.key(0), x0, teacher.features(x0))
+  copy = jax.tree.map(jnp.array, state)
+  batch = images[6:22]
+  identity = np.tile(np.array([[4, 4, 0]], np.uint8), (16, 1))
+  targets = teacher_views.represent_views_fn(teacher.model, "features")(
+      teacher.variables, batch, identity, MEAN, STD)
+  cached = {"images": batch, "views": identity, "targets": np.asarray(targets)}
+  key = jax.random.key(1)
+  a, ma = method.step(state, batch, key, teacher.variables)
+  b, mb = method.step(copy, cached, key, None)  # no teacher at all
+  np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(a["synthetic"]["images"], b["synthetic"]["images"], atol=1e-6)
+
+
+def test_krr_st_and_mse_experts_use_the_cache_through_the_cli(blobs_npz, tmp_path, capsys):
+  from distill.cli import main
+  assert main(smoke_args("teacher", tmp_path, blobs_npz, "--set", "teacher.views=2")) == 0
+  assert main(smoke_args("krr-st", tmp_path, blobs_npz, "--set", "teacher.views=2")) == 0
+  directory = tmp_path / "teacher_views_v2"
+  card = json.load(open(directory / "card.json"))
+  assert card["num_views"] == 2 and card["dtype"] == "float16"
+  assert np.load(directory / "targets.npy", mmap_mode="r").shape[:2] == (card["num_images"], 2)
+  assert "[teacher_views]" in capsys.readouterr().out
+  synthetic = np.load(tmp_path / "synthetic.npz", allow_pickle=True)
+  assert np.isfinite(synthetic["images"]).all()
+  # The experts find the cache built and do not rebuild it.
+  mtime = os.path.getmtime(directory / "targets.npy")
+  experts = smoke_args("experts", tmp_path, blobs_npz, "--set", "teacher.views=2",
+                       "--set", "experts.objective=mse", "--set", "experts.num_experts=1",
+                       "--set", "experts.epochs=2")
+  assert main(experts) == 0
+  assert os.path.getmtime(directory / "targets.npy") == mtime
+  assert "[teacher_views]" not in capsys.readouterr().out
