@@ -229,8 +229,10 @@ def advance(fns: PoolFns, pool: dict, index: jax.Array, images, targets, max_age
                                                         images, targets)
   age = pool["ages"][index] + 1
   expired = age >= max_age
-  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(expired, a, b), new, old)
-  stepped = pick(_fresh(fns, rng), (params, batch_stats, opt_state))
+  # A branch, not a select: the fresh model is only initialised when one expires
+  # (at the paper's pool, drawing it every step cost ~10% of the outer step).
+  stepped = jax.lax.cond(expired, lambda: _fresh(fns, rng),
+                         lambda: (params, batch_stats, opt_state))
   age = jnp.where(expired, 0, age)
   return {**{k: _put(pool[k], index, v) for k, v in zip(keys, stepped)},
           "ages": pool["ages"].at[index].set(age)}, loss

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from distill.errors import DistillError
+from distill.nn import conv as conv_lib
 
 NORMS = ("instance", "batch", "layer", "none")
 
@@ -68,7 +69,9 @@ class ConvNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
     for channels in self.widths or (self.width,) * self.depth:
-      x = nn.Conv(channels, (3, 3), padding="SAME")(x)
+      # Same convolution; its weight gradient as matrix products (nn/conv.py).
+      x = nn.Conv(channels, (3, 3), padding="SAME",
+                  conv_general_dilated=conv_lib.conv_general_dilated)(x)
       x = _norm_layer(self.norm, train)(x)
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
