@@ -266,7 +266,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       seeds=(0, 1, 2),
       rows=("none", "random", "krr_st"),
-      readouts=("linear_probe",),  # and/or linear_probe_5pct, linear_probe_1pct, finetune
+      readouts=("linear_probe",),  # and/or linear_probe_5pct, linear_probe_1pct, finetune,
+                               # mkdt_probe, mkdt_probe_5pct, mkdt_probe_1pct (MKDT's read-out)
       archs=(),                # more pretraining archs, "name" or "name:width" (pretrain.arch first)
       extra_targets=(),        # more targets, "dataset|train_split|test_split" (data.target first)
       sizes=(),                # extra set sizes for the size sweep (linear probe, first target)

@@ -182,3 +182,23 @@ def test_toy_run_lowers_outer_loss_and_compiles_once():
   after = _held_out_loss(method, state["synthetic"], teacher, teacher_vars, source)
   assert method.step._cache_size() == 1
   assert after < 0.8 * before, (before, after)
+
+
+def test_bfloat16_pool_keeps_float32_state_and_follows_the_float32_step():
+  method, state, teacher, teacher_vars, source = _toy_method(steps=3)
+  cfg = method.cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.compute_dtype = "bfloat16"
+  mixed = KRRST(cfg, SHAPE, 16, teacher, mean=[0.5] * 3, std=[0.25] * 3)
+  state_bf16 = jax.tree.map(jnp.array, state)
+  batch = jnp.asarray(source[:32])
+  key = jax.random.key(3)
+  new32, m32 = method.step(state, batch, key, teacher_vars)
+  new16, m16 = mixed.step(state_bf16, batch, key, teacher_vars)
+  # The state keeps its dtypes (float32 everywhere), so checkpoints are unchanged.
+  assert jax.tree.map(lambda a: a.dtype, new16) == jax.tree.map(lambda a: a.dtype, new32)
+  assert float(m16["solve_ok"]) == 1.0
+  # bf16 convolutions (8-bit mantissa) give the same loss to about 1%.
+  np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=0.03)
+  features = mixed.member_features(pool_lib.pool_member(new16["pool"], 0), jnp.zeros((2, *SHAPE)))
+  assert features.dtype == jnp.float32

@@ -155,3 +155,20 @@ def test_finetuning_length_is_stated_in_steps():
   with cfg.unlocked():
     cfg.steps = 0
   assert transfer.finetune_length(cfg, 1000) == (21, 3)
+
+
+def test_mkdt_probe_reaches_the_minimiser_of_its_objective():
+  """MKDT's read-out: L2-regularised logistic regression on raw features."""
+  r = np.random.default_rng(0)
+  centres = r.normal(size=(4, 30))
+  y = r.integers(0, 4, 800)
+  x = 5.0 * (centres[y] + r.normal(size=(800, 30)))  # raw, unscaled features
+  out = transfer.logistic_probe(x[:500], y[:500], x[500:], y[500:])
+  assert float(out["grad_norm"]) < 1e-3 * max(float(out["loss"]), 1.0)  # stationary
+  # A heavier penalty can only raise the minimum of the training objective.
+  heavier = transfer.logistic_probe(x[:500], y[:500], x[500:], y[500:], reg=1e-1)
+  assert float(heavier["loss"]) > float(out["loss"])
+  assert float(out["accuracy"]) > 0.8
+  low = transfer.probe_readout("mkdt_probe_5pct", x[:500], y[:500], x[500:], y[500:],
+                               regs=(1.0,), folds=2, label_draws=2, seed=0)
+  assert low["draws"] == 2 and 0 <= low["accuracy"] <= 1 and "reg" not in low
