@@ -43,12 +43,16 @@ def _initial_images():
 
 
 def _assert_same_as_one_device(one, many):
-  moved = np.abs(one["images"] - _initial_images()).max()
+  initial = _initial_images()
+  moved = np.abs(one["images"] - initial).max()
   assert moved > 0.02, moved  # the images did move, so agreement means something
-  # Float tolerance, 1% of the distance moved: reductions are summed in another
-  # order across devices, and Adam turns tiny gradient differences into
-  # visible update differences.
-  np.testing.assert_allclose(many["images"], one["images"], atol=0.01 * moved)
+  # Float tolerance. Reductions are summed in another order across devices,
+  # and Adam turns a tiny gradient difference into a visible update where a
+  # pixel's gradient is near zero (a step of up to lr per step). So the
+  # difference is measured against the distance moved, as a whole.
+  difference = np.linalg.norm(many["images"] - one["images"])
+  assert difference < 0.01 * np.linalg.norm(one["images"] - initial), difference
+  assert np.abs(many["images"] - one["images"]).max() < 0.2 * moved
   np.testing.assert_allclose(many["targets"], one["targets"], atol=1e-4)
 
 
