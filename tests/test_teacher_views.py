@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill.config import base_config
-from distill.data import augment
+from distill.config import base_config, load_config
+from distill.data import augment, synthetic_set
 from distill.methods import barlow_twins, teacher_views
 from distill.methods.krr_st import KRRST
 from distill.nn.models import build_model, init_model
 from distill.stages import teacher_views as cache_stage
-from tests.conftest import smoke_args
+from distill.stages.krr_st import evaluate_held_out
+from tests.conftest import SMOKE, smoke_args
 
 SHAPE = (8, 8, 3)
 MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
@@ -137,8 +138,17 @@ def test_krr_st_and_mse_experts_use_the_cache_through_the_cli(blobs_npz, tmp_pat
   assert card["num_views"] == 2 and card["dtype"] == "float16"
   assert np.load(directory / "targets.npy", mmap_mode="r").shape[:2] == (card["num_images"], 2)
   assert "[teacher_views]" in capsys.readouterr().out
-  synthetic = np.load(tmp_path / "synthetic.npz", allow_pickle=True)
-  assert np.isfinite(synthetic["images"]).all()
+  synthetic = synthetic_set.load_synthetic(str(tmp_path / "synthetic.npz"))
+  assert np.isfinite(synthetic.images).all()
+  # KRR-ST's own held-out objective is recorded with the set, and recomputed
+  # from the artefacts it is the same.
+  held_out = synthetic.extra["held_out"]
+  assert all(np.isfinite(held_out[k]) and held_out[k] > 0 for k in
+             ("learned", "initial", "learned_views", "initial_views"))
+  config = load_config(SMOKE, ["teacher.views=2", f"data.source={blobs_npz}",
+                               f"data.target={blobs_npz}"])
+  again = evaluate_held_out(config, str(tmp_path))
+  assert again["learned"] == pytest.approx(held_out["learned"], rel=1e-5)
   # The experts find the cache built and do not rebuild it.
   mtime = os.path.getmtime(directory / "targets.npy")
   experts = smoke_args("experts", tmp_path, blobs_npz, "--set", "teacher.views=2",

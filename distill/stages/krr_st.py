@@ -11,10 +11,11 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from distill.config import to_dict
-from distill.data import datasets, synthetic_set
+from distill.data import augment, datasets, synthetic_set
 from distill.errors import DistillError
 from distill.methods import teacher_views
 from distill.methods.krr_st import KRRST, held_out_loss
@@ -122,22 +123,45 @@ def held_out_report(config, method: KRRST, source, teacher, learned: dict,
   """The outer loss of the learned set and of its initial subset on a fresh pool.
 
   `krr_st.held_out_models` fresh models (a key the distillation never
-  uses), `krr_st.held_out_images` seeded source images, un-augmented, with
-  the teacher's targets (`krr_st.held_out_loss`).
+  uses) and `krr_st.held_out_images` seeded source images, with the
+  teacher's targets (`krr_st.held_out_loss`), twice: on the images as they
+  are ("learned", "initial") and on one fresh random crop + flip of each
+  ("learned_views", "initial_views"), the distribution the outer loss is
+  trained on when `augment_real` is set.
   """
   cfg = config.krr_st
   num = min(cfg.held_out_images, len(source.images))
   idx = coresets.random_subset(len(source.images), num, config.seed + 17)
-  real_x = datasets.normalize(source.images[idx], teacher.mean, teacher.std)
-  real_y = teacher.features(real_x)
+  plain = datasets.normalize(source.images[idx], teacher.mean, teacher.std)
+  views = np.asarray(augment.random_crop_flip(jax.random.key(config.seed + 20_000),
+                                              jnp.asarray(plain)))
   key = jax.random.key(config.seed + 10_000)
-  report = {k: held_out_loss(method, s, real_x, real_y, key, cfg.held_out_models)["loss"]
-            for k, s in (("learned", learned), ("initial", initial))}
-  report.update(models=cfg.held_out_models, images=num)
+  report = dict(models=cfg.held_out_models, images=num)
+  for suffix, real_x in (("", plain), ("_views", views)):
+    real_y = teacher.features(real_x)
+    for name, s in (("learned", learned), ("initial", initial)):
+      report[name + suffix] = held_out_loss(method, s, real_x, real_y, key,
+                                            cfg.held_out_models)["loss"]
   log(f"[krr_st] held-out outer loss on {cfg.held_out_models} fresh pool models, {num} "
-      f"source images: learned set {report['learned']:.4g}, its initial subset "
-      f"{report['initial']:.4g}")
+      f"source images: learned set {report['learned']:.4g} (fresh views "
+      f"{report['learned_views']:.4g}), its initial subset {report['initial']:.4g} "
+      f"({report['initial_views']:.4g})")
   return report
+
+
+def evaluate_held_out(config, workdir: str) -> dict:
+  """`held_out_report` of the workdir's KRR-ST set, recomputed from its artefact."""
+  path = set_path(workdir, "krr_st", config.krr_st.num_synthetic, config)
+  synthetic = synthetic_set.load_synthetic(path)
+  teacher = workdir_teacher(config, workdir)
+  source = load_source(config)
+  init_idx = np.asarray(synthetic.extra["init_indices"])
+  x0 = datasets.normalize(source.images[init_idx], teacher.mean, teacher.std)
+  method = KRRST(config.krr_st, source.images.shape[1:], teacher.dim, teacher.model,
+                 teacher.mean, teacher.std, representation=teacher.representation)
+  return held_out_report(config, method, source, teacher,
+                         {"images": synthetic.images, "targets": synthetic.targets},
+                         {"images": x0, "targets": teacher.features(x0)})
 
 
 INITS = ("random", "kmeans", "pruned")
