@@ -30,11 +30,13 @@ COMMANDS = {
             "Runs teacher -> krr-st -> table in one workdir; finished stages are skipped."),
     "teacher": ("train the Barlow Twins teacher",
                 "Needs only the source (data.source). Writes WORKDIR/teacher/."),
-    "import-teacher": ("use a torchvision-layout ResNet checkpoint as the teacher",
-                       "Give it with --set teacher.checkpoint=PATH (.safetensors, .npz; "
-                       ".pt/.pth with torch installed) and its input normalisation "
-                       "(teacher.checkpoint_mean/std, ImageNet's by default). Writes "
-                       "WORKDIR/teacher/; later stages use it as they would a trained one."),
+    "import-teacher": ("use a saved teacher or a torchvision-layout ResNet checkpoint",
+                       "Give it with --set teacher.checkpoint=PATH: a folder saved by "
+                       "`distill teacher` (teacher.json + variables.msgpack), or a checkpoint "
+                       "(.safetensors, .npz; .pt/.pth with torch installed) with its input "
+                       "normalisation (teacher.checkpoint_mean/std, ImageNet's by default). "
+                       "Writes WORKDIR/teacher/; later stages use it as they would a trained "
+                       "one."),
     "export-teacher": ("write the teacher as torchvision-layout .safetensors",
                        "Needs a torchvision-layout teacher (tv_resnet18/34/50, trained or "
                        "imported). Writes WORKDIR/teacher/backbone_torchvision.safetensors."),

@@ -61,10 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
       # "gap": the last feature map averaged over space (a ConvNet's map
       # pooled the way a ResNet's is; for ResNets the same as "features").
       representation="features",
-      # A torchvision-layout ResNet-18/34/50 checkpoint (.safetensors, .npz;
-      # .pt/.pth with torch installed) to use instead of training one:
-      # `distill import-teacher`, and any stage that needs the teacher,
-      # imports it into <workdir>/teacher. "" = train Barlow Twins.
+      # A teacher to use instead of training one: a torchvision-layout
+      # ResNet-18/34/50 checkpoint (.safetensors, .npz; .pt/.pth with torch
+      # installed), or a folder saved by `distill teacher` (teacher.json +
+      # variables.msgpack, e.g. a committed reference teacher). `distill
+      # import-teacher`, and any stage that needs the teacher, imports it
+      # into <workdir>/teacher. "" = train Barlow Twins.
       checkpoint="",
       # The input normalisation the checkpoint was trained with (torchvision's
       # ImageNet statistics by default), per channel of the source.

@@ -141,3 +141,23 @@ def test_readme_pytorch_example_pretrains_on_a_synthetic_set(smoke_run, monkeypa
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["losses"][-1] < namespace["losses"][0]
+
+
+def test_a_saved_teacher_folder_is_used_as_the_teacher_of_another_workdir(smoke_run, blobs_npz,
+                                                                          tmp_path, capsys):
+  saved = smoke_run / "teacher"
+  workdir = tmp_path / "reuse"
+  checkpoint = ("--set", f"teacher.checkpoint={saved}")
+  assert main(smoke_args("import-teacher", workdir, blobs_npz, *checkpoint)) == 0
+  copied = barlow_twins.load_teacher(str(workdir / "teacher"))
+  original = barlow_twins.load_teacher(str(saved))
+  x = np.asarray(jax.random.normal(jax.random.key(0), (4, *original.image_shape)))
+  np.testing.assert_array_equal(copied.features(x), original.features(x))
+  card = json.loads((workdir / "teacher" / "teacher.json").read_text())
+  assert card["info"]["imported_from"] == str(saved) and len(card["info"]["sha256"]) == 64
+  assert "steps" in card["info"]  # its own training record is kept
+  # A teacher of another image shape is refused by name, and nothing is written.
+  other = tmp_path / "other"
+  assert main(smoke_args("import-teacher", other, blobs_npz, *checkpoint,
+                         "--set", "data.source=fashion-mnist-missing")) == 2
+  assert not (other / "teacher" / "teacher.json").exists()

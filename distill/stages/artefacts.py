@@ -15,6 +15,7 @@ artefacts of two settings (`prepare_workdir`).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 
@@ -219,13 +220,39 @@ def import_teacher(config: ml_collections.ConfigDict, workdir: str) -> barlow_tw
   directory = os.path.join(workdir, "teacher")
   source = load_source(config)
   image_shape = source.images.shape[1:]
-  mean, std = np.asarray(cfg.checkpoint_mean, np.float32), np.asarray(cfg.checkpoint_std,
-                                                                      np.float32)
-  teacher = barlow_twins.import_torch_backbone(cfg.checkpoint, directory, image_shape, mean, std,
-                                               dict(source=source.name))
-  probe = probe_backbone(config, teacher.model, teacher.variables, image_shape, mean, std)
-  log(f"[teacher] imported {cfg.checkpoint} ({teacher.model.__class__.__name__}, "
-      f"{teacher.info['tensors']} tensors, {teacher.info['dropped']} dropped); linear-probe "
-      f"accuracy on {config.data.target}: {probe['accuracy']:.4f}")
+  if os.path.isdir(cfg.checkpoint):
+    teacher = _copy_saved_teacher(cfg.checkpoint, directory, image_shape)
+  else:
+    mean, std = np.asarray(cfg.checkpoint_mean, np.float32), np.asarray(cfg.checkpoint_std,
+                                                                        np.float32)
+    teacher = barlow_twins.import_torch_backbone(cfg.checkpoint, directory, image_shape, mean,
+                                                 std, dict(source=source.name))
+  probe = probe_backbone(config, teacher.model, teacher.variables, image_shape, teacher.mean,
+                         teacher.std)
+  kept = (f", {teacher.info['tensors']} tensors, {teacher.info['dropped']} dropped"
+          if "tensors" in teacher.info else "")
+  log(f"[teacher] imported {cfg.checkpoint} ({teacher.model.__class__.__name__}{kept}); "
+      f"linear-probe accuracy on {config.data.target}: {probe['accuracy']:.4f}")
   barlow_twins.add_to_card(directory, probe=probe)
   return barlow_twins.load_teacher(directory, cfg.representation)
+
+
+def _copy_saved_teacher(source_dir: str, directory: str, image_shape) -> barlow_twins.Teacher:
+  """Copies a teacher saved by `distill teacher` (its teacher.json + variables.msgpack).
+
+  The card keeps the teacher's own input normalisation and training record;
+  `imported_from` and the variables' sha256 are added (the probe is redone
+  on this workdir's target by the caller).
+  """
+  saved = barlow_twins.load_teacher(source_dir)  # checks both files are there and readable
+  if tuple(saved.image_shape) != tuple(image_shape):
+    raise DistillError(f"teacher in {source_dir} was trained on {tuple(saved.image_shape)} "
+                       f"images; the source has {tuple(image_shape)}")
+  for name in ("teacher.json", "variables.msgpack"):
+    with open(os.path.join(source_dir, name), "rb") as f:
+      files.write_atomic(os.path.join(directory, name), f.read())
+  with open(os.path.join(source_dir, "variables.msgpack"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  barlow_twins.add_to_card(directory, imported_from=os.path.abspath(source_dir),
+                           sha256=digest)
+  return barlow_twins.load_teacher(directory)
