@@ -163,8 +163,8 @@ class KRRST:
     return {"synthetic": synthetic, "opt_state": opt_state, "pool": pool}, metrics
 
 
-def held_out_loss(method: KRRST, synthetic: dict, real_x: jax.Array, real_targets: jax.Array,
-                  rng: jax.Array, num_models: int = 4, chunk: int = 500) -> dict:
+def held_out_loss(method: KRRST, synthetic: dict, reals: dict, rng: jax.Array,
+                  num_models: int = 4, chunk: int = 500) -> dict:
   """KRR-ST's own held-out objective: the outer loss on a fresh pool.
 
   A pool of `num_models` models never used in distillation (initialised
@@ -177,12 +177,13 @@ def held_out_loss(method: KRRST, synthetic: dict, real_x: jax.Array, real_target
   Args:
     method: the `KRRST` whose pool settings and ridge are used.
     synthetic: {"images": (n, H, W, C), "targets": (n, d)}.
-    real_x: (N, H, W, C) normalised real images. real_targets: (N, d).
+    reals: {name: (real_x (N, H, W, C) normalised, real_targets (N, d))}:
+      each is scored on the same fresh pool.
     rng: key of the fresh pool (use one the distillation never used).
     num_models: fresh models. chunk: real images per kernel evaluation.
 
   Returns:
-    {"loss": mean over models, "per_model": [num_models floats]}.
+    {name: loss averaged over models and images}.
   """
   cfg = method.cfg
   images = jnp.asarray(synthetic["images"], jnp.float32)
@@ -198,10 +199,12 @@ def held_out_loss(method: KRRST, synthetic: dict, real_x: jax.Array, real_target
                              phi, y, cfg.reg, cfg.reg_scaling, cfg.ridge_form)
     return loss * x.shape[0]
 
-  per_model = []
-  for m in range(num_models):
-    member = pool_lib.pool_member(pool, m)
-    total = sum(float(chunk_loss(member, real_x[i:i + chunk], real_targets[i:i + chunk]))
-                for i in range(0, len(real_x), chunk))
-    per_model.append(total / len(real_x))
-  return {"loss": float(sum(per_model) / num_models), "per_model": per_model}
+  out = {}
+  for name, (real_x, real_y) in reals.items():
+    total = 0.0
+    for m in range(num_models):
+      member = pool_lib.pool_member(pool, m)
+      total += sum(float(chunk_loss(member, real_x[i:i + chunk], real_y[i:i + chunk]))
+                   for i in range(0, len(real_x), chunk))
+    out[name] = total / (num_models * len(real_x))
+  return out

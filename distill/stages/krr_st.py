@@ -136,12 +136,11 @@ def held_out_report(config, method: KRRST, source, teacher, learned: dict,
   views = np.asarray(augment.random_crop_flip(jax.random.key(config.seed + 20_000),
                                               jnp.asarray(plain)))
   key = jax.random.key(config.seed + 10_000)
+  reals = {"": (plain, teacher.features(plain)), "_views": (views, teacher.features(views))}
   report = dict(models=cfg.held_out_models, images=num)
-  for suffix, real_x in (("", plain), ("_views", views)):
-    real_y = teacher.features(real_x)
-    for name, s in (("learned", learned), ("initial", initial)):
-      report[name + suffix] = held_out_loss(method, s, real_x, real_y, key,
-                                            cfg.held_out_models)["loss"]
+  for name, s in (("learned", learned), ("initial", initial)):
+    losses = held_out_loss(method, s, reals, key, cfg.held_out_models)
+    report.update({name + suffix: loss for suffix, loss in losses.items()})
   log(f"[krr_st] held-out outer loss on {cfg.held_out_models} fresh pool models, {num} "
       f"source images: learned set {report['learned']:.4g} (fresh views "
       f"{report['learned_views']:.4g}), its initial subset {report['initial']:.4g} "

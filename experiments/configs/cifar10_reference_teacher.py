@@ -11,9 +11,10 @@ for 60 epochs (11,700 steps of batch 256): the length a 2-core CPU finishes in
 about three hours. Calibration with the same recipe at 20 epochs: 60.8%
 under the linear probe (random-init ConvNet-w64: 49.7%). The probe here is the
 all-label one (50,000 labelled CIFAR-10 training images, accuracy on the
-10,000 test images). Its backbone and card are committed under
-experiments/teachers/ so that tables use it through `teacher.checkpoint`
-instead of retraining it.
+10,000 test images). Any other workdir uses the finished teacher without
+retraining it: `--set teacher.checkpoint=runs/cifar10_reference_teacher/teacher`
+(a folder saved by `distill teacher` is copied in with its card). Expected
+result: not recorded yet.
 """
 
 import os
