@@ -28,6 +28,7 @@ from distill.data import datasets, synthetic_set
 from distill.errors import DistillError
 from distill.eval import transfer
 from distill.methods import barlow_twins
+from distill.nn import parallel
 from distill.nn.loop import log
 from distill.nn.models import extract_features
 
@@ -173,7 +174,11 @@ def save_set(out_path: str, synthetic: synthetic_set.SyntheticSet, workdir: str,
     synthetic: the set. workdir, name: the curve goes to `<workdir>/<name>/loss.png`.
     history: the run's metrics records; None = no curve (a selected real subset).
     what: the curve's title after `name`.
+
+  In a multi-process run only process 0 writes (every process holds the set).
   """
+  if not parallel.is_main_process():
+    return
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   synthetic_set.save_synthetic(out_path, synthetic)
   synthetic_set.save_image_grid(os.path.splitext(out_path)[0] + "_grid.png", synthetic.images,
