@@ -74,6 +74,13 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Waits until every process gets here (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # only multi-host runs need it
+    multihost_utils.sync_global_devices(name)
+
+
 def _sharding(value, split: bool) -> NamedSharding:
   m = mesh()
   split = split and np.ndim(value) > 0 and np.shape(value)[0] % m.size == 0

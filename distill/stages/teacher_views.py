@@ -24,6 +24,7 @@ import numpy as np
 from distill import files
 from distill.errors import DistillError
 from distill.methods import teacher_views
+from distill.nn import parallel
 from distill.nn.loop import log
 
 DTYPES = ("float16", "float32")
@@ -72,7 +73,11 @@ def workdir_views(config, workdir: str, source, teacher, chunk: int = 1000) -> V
   n = len(images)
   card_path = os.path.join(directory, "card.json")
   if not os.path.exists(card_path):
-    build(directory, images, teacher, num_views, config.seed, dtype, chunk)
+    # One writer; the other processes of a multi-host run wait for it (the
+    # workdir is on a filesystem they share, as for checkpoints).
+    if parallel.is_main_process():
+      build(directory, images, teacher, num_views, config.seed, dtype, chunk)
+    parallel.barrier(f"teacher_views_v{num_views}")
   card = files.read_json(card_path, None)
   if card["num_images"] != n or card["dim"] != teacher.dim:
     raise DistillError(f"{directory} holds {card['num_images']} images of dim {card['dim']}; "
