@@ -94,8 +94,9 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
   The state is {"params", "opt_state", "trajectory"}, the trajectory holding
   (epochs + 1, *leaf) snapshots. `batch` is (uint8 images (B,H,W,C), int
   labels (B,) or None or, for "mse" from a teacher-view cache, its
-  {"views", "targets"} (teacher_views.cached_real_batch), slot): a slot > 0 records the updated parameters as
-  snapshot `slot` (the step ends epoch `slot`); slot 0 records nothing.
+  {"views", "targets"} (teacher_views.cached_real_batch), slot): a slot > 0
+  records the updated parameters as snapshot `slot` (the step ends epoch
+  `slot`); slot 0 records nothing.
   `stats` is (mean (C,), std (C,)) of the input normalisation. With
   `weighted` (InfoBatch) the batch also carries (indices (B,), weights (B,)),
   the loss is mean_i(w_i * loss_i) and the state's "scores" (N,) receive
@@ -202,8 +203,9 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
   def targets_of(idx, i):
     """What a batch carries besides the images: labels, None, or cached views."""
     if views is not None:
-      return views.batch(idx, teacher_views.draw_views(batch_seed, i, len(idx),
-                                                       views.num_views, cfg.augment))
+      cached = views.batch(idx, teacher_views.draw_views(batch_seed, i, len(idx),
+                                                         views.num_views, cfg.augment))
+      return {"views": cached["views"], "targets": cached["targets"]}  # images come first
     return None if labels is None else labels[idx]
 
   step_fn = lambda s, b, r: step(s, b, r, stats, teacher_vars)
