@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from distill import files
-from distill.nn import parallel
 from distill.errors import DistillError
+from distill.nn import parallel
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
@@ -116,7 +116,8 @@ def run_loop(*, name: str, workdir: str, state: Any,
   metrics_path = os.path.join(job_dir, "metrics.jsonl")
   start = ckpt.latest_step() or 0
   history = _read_history(metrics_path, upto=start)
-  quiet = quiet or not parallel.is_main_process()
+  main = parallel.is_main_process()  # the one process that prints and writes records
+  quiet = quiet or not main
   placed = state
   if start:
     state = ckpt.restore(start, state)
@@ -127,7 +128,6 @@ def run_loop(*, name: str, workdir: str, state: Any,
   state = parallel.place_like(state, placed)
   # Drop records past the checkpoint (they will be logged again); atomic, so a
   # kill here cannot lose the records before it.
-  main = parallel.is_main_process()  # the one process that writes records
   if main:
     files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
   # purge_step: TensorBoard drops the events past the checkpoint, as the
