@@ -230,7 +230,7 @@ def advance(fns: PoolFns, pool: dict, index: jax.Array, images, targets, max_age
   age = pool["ages"][index] + 1
   expired = age >= max_age
   # A branch, not a select: the fresh model is only initialised when one expires
-  # (at the paper's pool, drawing it every step cost ~10% of the outer step).
+  # (drawing one at every step cost a few percent of the outer step at the paper's pool).
   stepped = jax.lax.cond(expired, lambda: _fresh(fns, rng),
                          lambda: (params, batch_stats, opt_state))
   age = jnp.where(expired, 0, age)
