@@ -107,7 +107,7 @@ def bench(n: int, settings: dict, cached: bool, dtype: str, repeats: int) -> dic
   import jax.numpy as jnp
   import numpy as np
   from distill.config import base_config
-  from distill.methods.krr_st import KRRST
+  from distill.methods.krr_st import KRRST, split_along_n
   from distill.nn import parallel
   from distill.nn.models import build_model, init_model
 
@@ -129,8 +129,7 @@ def bench(n: int, settings: dict, cached: bool, dtype: str, repeats: int) -> dic
   # Fresh models (no warm-up): the step's cost does not depend on their ages.
   state = method.init(jax.random.key(0), images, targets, warm_up=False)
   if settings["split"]:
-    state = {**state, "synthetic": parallel.shard_leading(state["synthetic"]),
-             "opt_state": parallel.shard_leading(state["opt_state"])}
+    state = split_along_n(state)
   state = parallel.place_like(state, state)
   batch = settings["batch"]
   real = r.integers(0, 256, size=(batch, *shape), dtype=np.uint8)

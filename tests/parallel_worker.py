@@ -36,7 +36,7 @@ def main():
   import numpy as np
   from distill.config import base_config
   from distill.methods import teacher_views
-  from distill.methods.krr_st import KRRST
+  from distill.methods.krr_st import KRRST, split_along_n
   from distill.nn.loop import batch_indices, run_loop
   from distill.nn.models import build_model, init_model
 
@@ -59,8 +59,7 @@ def main():
   y0 = jax.jit(teacher.apply)(teacher_vars, jnp.asarray(x0, jnp.float32))[0]
   state = method.init(jax.random.key(0), x0, y0)
   if args.split_synthetic:
-    state = {**state, "synthetic": parallel.shard_leading(state["synthetic"]),
-             "opt_state": parallel.shard_leading(state["opt_state"])}
+    state = split_along_n(state)
   views = teacher_views.view_table(0, len(source), 3)
   represent = teacher_views.represent_views_fn(teacher, "features")
   targets = np.stack([np.asarray(represent(teacher_vars, source, views[:, v], mean, std))

@@ -33,6 +33,7 @@ import optax
 
 from distill.data import augment
 from distill.methods import barlow_twins, pool as pool_lib, teacher_views
+from distill.nn import parallel
 from distill.nn.models import build_model
 from distill.nn.optim import outer_optimizer
 from kernels.ridge import krr_predict, with_bias
@@ -161,6 +162,13 @@ class KRRST:
         "mean_age": jnp.mean(pool["ages"].astype(jnp.float32)),
     }
     return {"synthetic": synthetic, "opt_state": opt_state, "pool": pool}, metrics
+
+
+def split_along_n(state: dict) -> dict:
+  """A KRR-ST state with its synthetic set and Adam moments split along n over
+  the devices (no-op on one device); the pool stays as it is."""
+  return {**state, "synthetic": parallel.shard_leading(state["synthetic"]),
+          "opt_state": parallel.shard_leading(state["opt_state"])}
 
 
 def held_out_loss(method: KRRST, synthetic: dict, reals: dict, rng: jax.Array,

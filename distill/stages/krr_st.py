@@ -18,7 +18,7 @@ from distill.config import to_dict
 from distill.data import augment, datasets, synthetic_set
 from distill.errors import DistillError
 from distill.methods import teacher_views
-from distill.methods.krr_st import KRRST, held_out_loss
+from distill.methods.krr_st import held_out_loss, KRRST, split_along_n
 from distill.nn import parallel
 from distill.nn.loop import batch_indices, Checkpointer, log, run_loop
 from distill.selection import coresets, source_pruning
@@ -82,8 +82,7 @@ def run_krr_st(config, workdir: str, n: int | None = None,
   cache = None if supervised else workdir_views(config, workdir, source, teacher)
   if 0 < config.parallel.shard_synthetic_from <= n:
     # A large set lives split along n; the step's partitioner gathers its features.
-    state = {**state, "synthetic": parallel.shard_leading(state["synthetic"]),
-             "opt_state": parallel.shard_leading(state["opt_state"])}
+    state = split_along_n(state)
 
   def batch_fn(i):
     idx = batch_indices(config.seed, i, num_source, batch_size)
