@@ -161,3 +161,20 @@ def test_a_saved_teacher_folder_is_used_as_the_teacher_of_another_workdir(smoke_
   assert main(smoke_args("import-teacher", other, blobs_npz, *checkpoint,
                          "--set", "data.source=fashion-mnist-missing")) == 2
   assert not (other / "teacher" / "teacher.json").exists()
+
+
+def test_a_snapshot_of_a_teacher_run_is_its_latest_checkpoint_as_a_teacher_folder(
+    smoke_run, blobs_npz, tmp_path):
+  from distill.config import load_config
+  from distill.stages.teacher import snapshot_teacher
+  from tests.conftest import SMOKE
+  config = load_config(SMOKE, [f"data.source={blobs_npz}", f"data.target={blobs_npz}"])
+  finished = barlow_twins.load_teacher(str(smoke_run / "teacher"))
+  snapshot = snapshot_teacher(config, str(smoke_run), str(tmp_path / "snap"))
+  # The last checkpoint of a finished run is the teacher it saved.
+  x = np.asarray(jax.random.normal(jax.random.key(1), (4, *finished.image_shape)))
+  np.testing.assert_array_equal(snapshot.features(x), finished.features(x))
+  assert snapshot.info["snapshot_step"] == snapshot.info["num_steps"] == finished.info["steps"]
+  with pytest.raises(DistillError, match="no teacher checkpoint in"):
+    snapshot_teacher(config, str(tmp_path / "never_trained"), str(tmp_path / "snap2"))
+  assert not (tmp_path / "snap2").exists()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import time
 
+import jax
+
 from distill import files, plots
 from distill.data import datasets
 from distill.errors import DistillError
 from distill.methods import barlow_twins
-from distill.nn.loop import log
+from distill.nn.loop import Checkpointer, log
 from distill.nn.models import build_model
 from distill.stages.artefacts import (found, import_teacher, load_source, probe_backbone,
                                       workdir_teacher)
@@ -86,6 +88,41 @@ def train_infobatch_teacher(config, workdir: str, images,
   files.write_json(report_path, report)
   return barlow_twins.load_teacher(directory), report
 
+
+
+def snapshot_teacher(config, workdir: str, out_dir: str) -> barlow_twins.Teacher:
+  """Saves the latest checkpoint of an unfinished teacher training as a teacher folder.
+
+  The folder (teacher.json + variables.msgpack) is what `distill teacher`
+  writes at the end, so `teacher.checkpoint=out_dir` uses it anywhere; its
+  card says which step of how many it holds (`snapshot_step`,
+  `num_steps`), so it is never mistaken for the finished teacher. The
+  training run is only read: a run still going on is not disturbed.
+
+  Args:
+    config: the config the teacher is being trained with.
+    workdir: the workdir of that training. out_dir: the folder to write.
+  """
+  cfg = config.teacher
+  ckpt = Checkpointer(os.path.join(workdir, TEACHER, "ckpt"))
+  step = ckpt.latest_step()
+  if not step:
+    raise DistillError(f"no teacher checkpoint in {os.path.join(workdir, TEACHER, 'ckpt')} "
+                       f"(start `distill teacher` with this --workdir first)")
+  source = load_source(config)
+  images = source.images
+  num_steps = cfg.epochs * max(len(images) // min(cfg.batch_size, len(images)), 1)
+  model = barlow_twins.build_barlow_twins(cfg)
+  like = barlow_twins.init_state(model, barlow_twins.make_optimizer(cfg, num_steps),
+                                 jax.random.key(config.seed), images.shape[1:])
+  variables = ckpt.restore(step, like)["variables"]
+  mean, std = datasets.channel_stats(images)
+  info = dict(source=source.name, num_images=len(images), snapshot_step=step,
+              num_steps=num_steps, snapshot_of=os.path.abspath(workdir))
+  barlow_twins.save_teacher(out_dir, cfg.arch.to_dict(), variables, mean, std,
+                            images.shape[1:], info)
+  log(f"[teacher] wrote the step-{step}/{num_steps} snapshot of {workdir}'s teacher to {out_dir}")
+  return barlow_twins.load_teacher(out_dir)
 
 
 def run_import_teacher(config, workdir: str) -> barlow_twins.Teacher:

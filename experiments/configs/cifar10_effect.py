@@ -1,0 +1,62 @@
+r"""The effect table: all 50,000 CIFAR-10 images, n = 1,000 (2%), the reference teacher.
+
+Commands (from the repository root, with ../shared/data beside it and
+Debian's dataset-fashion-mnist installed):
+  distill table --config experiments/configs/cifar10_effect.py --workdir runs/cifar10_effect
+  python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/cifar10_effect --sizes 100 1000 10000 --steps 0 100 300 1000 3000 \
+      --out experiments/results/pretraining_gain
+
+The teacher is the committed reference teacher (Barlow Twins ConvNet-w64 on
+all of CIFAR-10's training images, experiments/configs/cifar10_reference_teacher.py),
+imported on first use, never retrained; the `--set teacher.checkpoint=DIR`
+override points at any other folder saved by `distill teacher` (e.g. a
+snapshot of an unfinished run, `stages.teacher.snapshot_teacher`).
+Representation: its flattened 4x4x64 map (1,024 dims). Students are
+ConvNet-w64s pretrained with the protocol's recipe (MSE, no augmentation,
+SGD constant lr). Read-outs: ridge probes with all, 5% and 1% of the 50,000
+CIFAR-10 training labels (10,000 test images), MKDT's logistic probe at 5%.
+
+No recorded result yet.
+"""
+
+import os
+
+from distill.config import base_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data"))
+REFERENCE_TEACHER = os.path.normpath(os.path.join(HERE, "..", "teachers", "cifar10_convnet_w64"))
+
+
+def get_config(variant: str = ""):
+  c = base_config()
+  c.data.source = os.path.join(SHARED, "cifar10-jpg.tar.gz")
+  c.data.num_source = 0               # all 50,000
+  c.data.target = c.data.source
+  c.data.target_test_split = "test"
+  c.data.num_target_train = 0
+  c.data.num_target_test = 0
+
+  # The reference teacher's settings (its folder carries its own card).
+  c.teacher.arch.name = "convnet"
+  c.teacher.arch.width = 64
+  c.teacher.projector = (1024, 1024)
+  c.teacher.epochs = 60
+  c.teacher.lr = 2e-3
+  c.teacher.warmup_steps = 200
+  c.teacher.representation = "features"
+  c.teacher.checkpoint = REFERENCE_TEACHER
+
+  c.pretrain.arch.width = 64
+
+  c.eval.rows = ("none", "random", "kmeans", "krr_st", "full", "teacher")
+  c.eval.readouts = ("linear_probe", "linear_probe_5pct", "linear_probe_1pct",
+                     "mkdt_probe_5pct")
+  c.eval.extra_targets = (os.path.join(SHARED, "imagenette32-png.tar.gz") + "|train|val",
+                          "/usr/share/datasets/fashion-mnist|train|test")
+  c.eval.results_path = os.path.normpath(os.path.join(HERE, "..", "results", "cifar10_effect"))
+  c.krr_st.num_synthetic = 1_000
+  if variant:
+    raise ValueError(f"unknown variant {variant!r}")
+  return c

@@ -1,0 +1,226 @@
+r"""Where a teacher's gain is lost on its way to a student pretrained on a set.
+
+A strong teacher is worth nothing to the table if a fresh network regressing
+its representations on a small set does not inherit it. This script follows
+the `random` row (n random real source images, the teacher's representations
+as targets) at several n, pretraining fresh students with the protocol's
+recipe (`pretrain` section: MSE, no augmentation, constant learning rate),
+and records at several lengths of the same run (a constant learning rate
+makes a longer run the continuation of a shorter one, so each (n, lr) is one
+resumed run):
+
+* the regression's own label-free objective: the relative squared error of
+  the head's prediction of the teacher's representation on source images
+  outside the subset (1 - R^2 in the training targets' space), and the same
+  on the subset itself (how far it is memorised);
+* for information only, probe read-outs on the target (the length and lr
+  are chosen by the held-out error, never by these).
+
+References: `none` (the student at initialisation) and the teacher, read out
+the same way.
+
+Command (from the repository root; the teacher is the workdir's, or the
+config's `teacher.checkpoint`):
+  python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/gain --sizes 100 1000 10000 --steps 0 100 300 1000 3000 \
+      --out experiments/results/pretraining_gain
+
+Writes <out>.jsonl (one line per point, appended as measured: a killed run
+keeps its points and resumes its students), <out>.md and <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill import files
+from distill.config import apply_overrides, load_config
+from distill.data import datasets
+from distill.eval import transfer
+from distill.nn.models import build_model, extract_features, init_model
+from distill.selection import coresets
+from distill.stages import artefacts
+
+
+def head_outputs(model_with_head, variables, images) -> np.ndarray:
+  """(N, d) predictions of the pretraining head (in the training targets' space)."""
+  return np.concatenate([
+      np.asarray(model_with_head.apply(variables, jnp.asarray(images[i:i + 500]))[1])
+      for i in range(0, len(images), 500)])
+
+
+def relative_error(outputs: np.ndarray, truth: np.ndarray) -> float:
+  """Mean squared error over the variance of the truth (1 - R^2), both (N, d)."""
+  return float(np.mean((outputs - truth) ** 2) / np.mean((truth - truth.mean(0)) ** 2))
+
+
+def standardizer(targets: np.ndarray, on: bool):
+  """The map `pretrain` applies to a set's targets (centre, one overall scale)."""
+  if not on:
+    return lambda y: y
+  centre = targets.mean(0)
+  scale = float(np.sqrt(np.mean((targets - centre) ** 2))) + 1e-8
+  return lambda y: (y - centre) / scale
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--workdir", required=True, help="holds (or imports) the teacher")
+  parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+  parser.add_argument("--steps", type=int, nargs="+", default=[0, 100, 300, 1000],
+                      help="pretraining lengths to read out (rounded up to whole epochs)")
+  parser.add_argument("--lrs", type=float, nargs="+", default=[],
+                      help="pretraining learning rates (default: the config's)")
+  parser.add_argument("--readouts", nargs="+", default=["linear_probe_5pct", "linear_probe"])
+  parser.add_argument("--held_out", type=int, default=2000,
+                      help="source images outside every subset, for the held-out error")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--out", required=True, help="prefix of the .jsonl/.md/.png outputs")
+  args = parser.parse_args(argv)
+
+  config = load_config(args.config, args.set)
+  teacher = artefacts.workdir_teacher(config, args.workdir)
+  source = artefacts.load_source(config)
+  total = len(source.images)
+  # Held-out images: a seeded draw the subsets never touch (the subsets are
+  # drawn from the rest).
+  order = np.random.default_rng([args.seed, 7]).permutation(total)
+  held, pool = np.sort(order[:args.held_out]), np.sort(order[args.held_out:])
+  if max(args.sizes) > len(pool):
+    raise SystemExit(f"--sizes: at most {len(pool)} (the source has {total} images, "
+                     f"{args.held_out} held out)")
+  x_all = datasets.normalize(source.images, teacher.mean, teacher.std)
+  y_held = teacher.features(x_all[held])
+  target = artefacts.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
+  p = config.probe
+
+  def read_out(model, variables) -> dict:
+    f_train = extract_features(model, variables, target[0])
+    f_test = extract_features(model, variables, target[2])
+    return {r: transfer.probe_readout(r, f_train, target[1], f_test, target[3],
+                                      regs=tuple(p.regs), folds=p.folds,
+                                      label_draws=p.label_draws, seed=args.seed)["accuracy"]
+            for r in args.readouts}
+
+  lines = []
+  if os.path.exists(args.out + ".jsonl"):
+    with open(args.out + ".jsonl") as f:
+      lines = [json.loads(line) for line in f if line.strip()]
+  done = {(l["kind"], l.get("n"), l.get("lr"), l.get("steps")) for l in lines}
+
+  def record(line: dict) -> None:
+    lines.append(line)
+    with open(args.out + ".jsonl", "a") as f:
+      f.write(json.dumps(line) + "\n")
+    print(json.dumps(line), flush=True)
+
+  if ("none", None, None, None) not in done:
+    record(dict(kind="none", readouts=read_out(*transfer.fresh_backbone(
+        config.pretrain, source.images.shape[1:], args.seed))))
+  if ("teacher", None, None, None) not in done:
+    record(dict(kind="teacher", readouts=read_out(teacher.model, teacher.variables)))
+  for lr in args.lrs or [config.pretrain.lr]:
+    for n in args.sizes:
+      subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
+      x_set = x_all[subset]
+      y_set = teacher.features(x_set)
+      to_targets = standardizer(y_set, config.pretrain.standardize_targets)
+      per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
+      for steps in sorted(set(args.steps)):
+        epochs = math.ceil(steps / per_epoch)
+        if ("student", n, lr, epochs * per_epoch) in done:
+          continue
+        cfg = config.copy_and_resolve_references()
+        apply_overrides(cfg, (f"pretrain.epochs={epochs}", f"pretrain.lr={lr}"))
+        t0 = time.perf_counter()
+        if epochs == 0:  # the student before its first step: initialisation with a head
+          model = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
+          variables = init_model(model, jax.random.key(args.seed), x_set.shape[1:])
+          model = build_model(cfg.pretrain.arch)
+        else:
+          # One job name per (n, lr): the longer run resumes the shorter one.
+          model, variables = transfer.pretrain(
+              cfg.pretrain, x_set, y_set, args.seed, args.workdir,
+              f"gain_n{n}_lr{lr:g}_seed{args.seed}", kind="teacher", quiet=True)
+        seconds = time.perf_counter() - t0
+        with_head = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
+        record(dict(kind="student", n=n, lr=lr, steps=epochs * per_epoch, epochs=epochs,
+                    held_out_rel_error=relative_error(head_outputs(with_head, variables,
+                                                                   x_all[held]),
+                                                      to_targets(y_held)),
+                    train_rel_error=relative_error(head_outputs(with_head, variables, x_set),
+                                                   to_targets(y_set)),
+                    pretrain_seconds=seconds, readouts=read_out(model, variables)))
+  write_report(lines, args, config, teacher)
+  return 0
+
+
+def write_report(lines: list[dict], args, config, teacher) -> None:
+  """<out>.md (a table per n) and <out>.png (error and read-outs against steps)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  refs = {l["kind"]: l["readouts"] for l in lines if l["kind"] in ("none", "teacher")}
+  students = sorted((l for l in lines if l["kind"] == "student"),
+                    key=lambda l: (l["lr"], l["n"], l["steps"]))
+  readouts = args.readouts
+  out = ["# Where the teacher's gain is lost: students of random real subsets\n",
+         "Command:\n", "    python experiments/pretraining_gain.py " + " ".join(sys.argv[1:]) + "\n",
+         f"Teacher: {teacher.info.get('source')} {config.teacher.arch.name}-w"
+         f"{config.teacher.arch.width}, representation `{config.teacher.representation}` "
+         f"({teacher.dim} dims)" + (f", snapshot at step {teacher.info['snapshot_step']}/"
+                                    f"{teacher.info['num_steps']}"
+                                    if "snapshot_step" in teacher.info else "") + ".",
+         f"Student: {config.pretrain.arch.name}-w{config.pretrain.arch.width}, MSE to the "
+         f"{'standardised ' if config.pretrain.standardize_targets else ''}targets, SGD "
+         f"(constant lr, momentum {config.pretrain.momentum}, wd "
+         f"{config.pretrain.weight_decay}), batch {config.pretrain.batch_size}, no augmentation. "
+         f"Held-out error on {args.held_out} source images outside every subset. Read-outs "
+         f"(information only) on {config.data.target}.\n",
+         "| | " + " | ".join(readouts) + " |", "|---|" + "---|" * len(readouts)]
+  for kind, values in refs.items():
+    out.append(f"| {kind} | " + " | ".join(f"{100 * values[r]:.2f}" for r in readouts) + " |")
+  out += ["", "| n | lr | steps | held-out rel. error | train rel. error | "
+          + " | ".join(readouts) + " | seconds |", "|---|---|---|---|---|"
+          + "---|" * len(readouts) + "---|"]
+  for l in students:
+    out.append(f"| {l['n']} | {l['lr']:g} | {l['steps']} | {l['held_out_rel_error']:.3f} | "
+               f"{l['train_rel_error']:.3f} | "
+               + " | ".join(f"{100 * l['readouts'][r]:.2f}" for r in readouts)
+               + f" | {l['pretrain_seconds']:.0f} |")
+  files.write_atomic(args.out + ".md", "\n".join(out) + "\n")
+
+  fig, axes = plt.subplots(1, 1 + len(readouts), figsize=(5 * (1 + len(readouts)), 4))
+  for key in sorted({(l["n"], l["lr"]) for l in students}):
+    run = [l for l in students if (l["n"], l["lr"]) == key]
+    x = [max(l["steps"], 1) for l in run]
+    label = f"n={key[0]}, lr={key[1]:g}"
+    axes[0].plot(x, [l["held_out_rel_error"] for l in run], "o-", label=label)
+    for ax, r in zip(axes[1:], readouts):
+      ax.plot(x, [100 * l["readouts"][r] for l in run], "o-", label=label)
+  axes[0].set(xscale="log", xlabel="pretraining steps (0 plotted at 1)",
+              ylabel="held-out rel. error", title="regression of the teacher")
+  for ax, r in zip(axes[1:], readouts):
+    for kind, style in (("none", "k--"), ("teacher", "g--")):
+      if kind in refs:
+        ax.axhline(100 * refs[kind][r], color=style[0], ls="--", label=kind)
+    ax.set(xscale="log", xlabel="pretraining steps", ylabel="top-1 (%)", title=r)
+  axes[-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(args.out + ".png", dpi=100)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
