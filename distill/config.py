@@ -160,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
       lr_alpha=1e-2,           # on log(alpha)
       alpha_init=0.0,          # the student's initial SGD step size (0: the experts' lr)
       granularity="parameter", # one weight per "parameter" or per "tensor"
+      # The held-out objective: the last `held_out_experts` experts of the
+      # buffer are never matched; after distilling, the matching loss of the
+      # set and of its initial images is measured on them (every start epoch).
+      # At least one expert is always left for distillation.
+      held_out_experts=1,
       prune_fraction=0.0,      # leave this fraction of lowest-W parameters out of the loss
       remat=False,             # jax.checkpoint each student step (memory for compute)
       # Crop + flip the synthetic images in the student steps: only for

@@ -280,6 +280,26 @@ def test_toy_run_lowers_the_matching_loss(expert_run):
   assert after < 0.8 * before, (before, after)
 
 
+def test_a_set_matched_on_one_expert_also_lowers_the_loss_on_an_unseen_one(expert_run):
+  _, buffer = expert_run
+  cfg = load_config(CONFIG + ":smoke", ["param_match.alpha_init=0.05"]).param_match
+  method = pm.ParamMatch(cfg, experts.expert_model(buffer.meta["arch"], 3), "ce")
+  x, y = make_blobs(6, size=16, seed=3)
+  x = (x / 255.0 - np.asarray(buffer.meta["mean"])) / np.asarray(buffer.meta["std"])
+  state = method.init(jax.random.key(0), x, pm.initial_soft_labels(y, 3))
+  initial = jax.device_get(state["learned"])
+  matched = buffer._replace(trajectories=buffer.trajectories[:1])
+  for step in range(30):
+    state, _ = method.step(state, experts.sample_checkpoints(matched, 0, step, 2, 1)[2:],
+                           jax.random.key(step))
+  before = method.held_out_loss(initial, buffer, [1], seed=0)
+  after = method.held_out_loss(jax.device_get(state["learned"]), buffer, [1], seed=0)
+  assert before["pairs"] == after["pairs"] == cfg.max_start
+  # W = 1 at initialisation: the method's loss is the plain one.
+  assert before["loss"] == pytest.approx(before["loss_plain"], rel=1e-6)
+  assert after["loss_plain"] < 0.9 * before["loss_plain"], (before, after)
+
+
 def test_param_match_stage_writes_the_synthetic_set(expert_run, blobs_npz, tmp_path):
   workdir, _ = expert_run
   os.symlink(workdir / "experts_ce", tmp_path / "experts_ce")
@@ -295,6 +315,12 @@ def test_param_match_stage_writes_the_synthetic_set(expert_run, blobs_npz, tmp_p
   assert s.config["param_match"]["alpha_init"] == 0
   assert s.extra["expert_seconds"] > 0   # the buffer's training time is part of the cost
   assert abs(np.log(s.extra["alpha"]) - np.log(0.05)) < 0.2, s.extra["alpha"]
+  # The last of the two experts is held out: never matched, it measures the set.
+  held_out = s.extra["held_out"]
+  assert held_out["experts"] == [1] and held_out["learned"]["pairs"] == 2
+  assert all(np.isfinite(held_out[w][k]) for w in ("learned", "initial")
+             for k in ("loss", "loss_plain"))
+  assert s.extra["image_shift"]["rms"] > 0 and s.extra["image_shift"]["relative"] > 0
   summary = s.extra["weights"]["Conv_0/kernel"]
   assert summary["min"] <= summary["mean"] <= summary["max"] and summary["size"] == 108
   for picture in ("synthetic_iadd_ce_grid.png", "param_match_iadd_ce_weights.png",

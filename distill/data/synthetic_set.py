@@ -484,3 +484,15 @@ def inspect(path: str, png_path: str | None = None) -> str:
     png_path = os.path.splitext(path)[0] + "_grid.png"
   save_image_grid(png_path, synthetic.images, synthetic.image_mean, synthetic.image_std)
   return f"{summary(synthetic)}\ngrid: {png_path}"
+
+
+def image_shift(images: np.ndarray, initial: np.ndarray) -> dict:
+  """How far learned images moved from their initialisation, both (n, H, W, C) normalised.
+
+  Returns:
+    {"rms": root-mean-square change per pixel (in units of the source's
+    per-channel std), "relative": ||images - initial|| / ||initial||}.
+  """
+  diff = np.asarray(images, np.float64) - np.asarray(initial, np.float64)
+  return {"rms": float(np.sqrt(np.mean(diff ** 2))),
+          "relative": float(np.linalg.norm(diff) / max(np.linalg.norm(initial), 1e-12))}

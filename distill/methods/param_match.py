@@ -296,6 +296,43 @@ class ParamMatch:
     return {"learned": learned, "opt_state": opt_state}, metrics
 
 
+  @functools.partial(jax.jit, static_argnums=0)
+  def _losses(self, learned: dict, start, target, rng: jax.Array):
+    """(the method's own matching loss, the plain W = 1 loss) of one unroll."""
+    student = self.unroll(start, learned["images"], self.targets(learned),
+                          jnp.exp(learned["log_alpha"]), rng)
+    weights = self.weights(learned, start)
+    mask = (prune_mask(weights, start, self.cfg.prune_fraction)
+            if self.cfg.prune_fraction else None)
+    ones = jax.tree.map(jnp.ones_like, weights)
+    return (matching_loss(student, start, target, weights, mask),
+            matching_loss(student, start, target, ones))
+
+  def held_out_loss(self, learned: dict, buffer, experts: list[int], seed: int) -> dict:
+    """The matching loss of a set on experts it was not distilled with.
+
+    Every start epoch t < max_start of each expert in `experts`: one student
+    unroll from theta*_t, compared with theta*_{t+M}.
+
+    Args:
+      learned: the learned state's `learned` dict (images, targets, weights, alpha).
+      buffer: the ExpertBuffer. experts: indices of the held-out experts.
+      seed: the student's minibatch order.
+
+    Returns:
+      {"loss": mean loss with the set's own W (the method's objective),
+       "loss_plain": the same with W = 1 (MTT's loss, comparable across
+       methods and with the initial images), "pairs": how many were averaged}.
+    """
+    cfg = self.cfg
+    losses = [self._losses(learned, buffer.checkpoint(e, t),
+                           buffer.checkpoint(e, t + cfg.expert_epochs),
+                           jax.random.key(seed * 1000 + e * cfg.max_start + t))
+              for e in experts for t in range(cfg.max_start)]
+    own, plain = np.asarray(jax.device_get(losses), np.float64).T
+    return {"loss": float(own.mean()), "loss_plain": float(plain.mean()), "pairs": len(losses)}
+
+
 def weight_stats(weights, params, mask=None) -> dict:
   """w_min, w_max, w_std (over parameters) and kept_fraction of a W pytree."""
   pairs = list(zip(jax.tree.leaves(weights), jax.tree.leaves(params)))

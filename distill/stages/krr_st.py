@@ -112,7 +112,8 @@ def run_krr_st(config, workdir: str, n: int | None = None,
       image_mean=teacher.mean, image_std=teacher.std, config=to_dict(config), step=cfg.steps,
       extra=dict(seconds=time.perf_counter() - t0,
                  final_loss=history[-1]["loss"] if history else None,
-                 held_out=held_out, init_indices=init_idx.tolist()))
+                 held_out=held_out, init_indices=init_idx.tolist(),
+                 image_shift=synthetic_set.image_shift(learned["images"], x0)))
   save_set(out_path, synthetic, workdir, name, history)
   return synthetic
 

@@ -106,14 +106,21 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
     teacher_name = f"barlow_twins/{teacher.model.__class__.__name__.lower()}"
   method = param_match.ParamMatch(cfg, experts.expert_model(meta["arch"], num_outputs), objective)
   state = method.init(jax.random.key(config.seed), x0, y0)
-  log(f"[param_match] {name}: n={n} synthetic images, {len(buffer.trajectories)} experts "
-      f"({objective}, {buffer.epochs} epochs), N={cfg.syn_steps} M={cfg.expert_epochs} "
-      f"max_start={cfg.max_start}, W per {cfg.granularity}, {cfg.steps} steps")
+  initial = jax.device_get(state["learned"])
+  # The last experts are held out: never matched, they measure the set afterwards.
+  num_experts = len(buffer.trajectories)
+  held = list(range(num_experts - min(max(cfg.held_out_experts, 0), num_experts - 1),
+                    num_experts))
+  matched = buffer._replace(trajectories=buffer.trajectories[:num_experts - len(held)])
+  log(f"[param_match] {name}: n={n} synthetic images, {len(matched.trajectories)} experts "
+      f"matched + {len(held)} held out ({objective}, {buffer.epochs} epochs), "
+      f"N={cfg.syn_steps} M={cfg.expert_epochs} max_start={cfg.max_start}, W per "
+      f"{cfg.granularity}, {cfg.steps} steps")
   job = f"param_match_{name}"
   state, history = run_loop(
       name=job, workdir=workdir, state=state, step_fn=method.step,
       batch_fn=lambda i: experts.sample_checkpoints(
-          buffer, config.seed, i, cfg.max_start, cfg.expert_epochs)[2:],
+          matched, config.seed, i, cfg.max_start, cfg.expert_epochs)[2:],
       num_steps=cfg.steps, rng=jax.random.key(config.seed + 4),
       log_every=min(cfg.log_every, cfg.steps), checkpoint_every=cfg.checkpoint_every)
   learned = jax.device_get(state["learned"])
@@ -121,6 +128,14 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   weights = jax.device_get(method.weights(learned, template))
   mask = (param_match.prune_mask(weights, template, cfg.prune_fraction)
           if cfg.prune_fraction else None)
+  held_out = None
+  if held:
+    held_out = {which: method.held_out_loss(value, buffer, held, config.seed)
+                for which, value in (("learned", learned), ("initial", initial))}
+    held_out["experts"] = held
+    log(f"[param_match] held-out matching loss on {len(held)} unseen expert(s), with W = 1: "
+        f"learned {held_out['learned']['loss_plain']:.4f}, initial images "
+        f"{held_out['initial']['loss_plain']:.4f}")
   synthetic = synthetic_set.SyntheticSet(
       images=np.asarray(learned["images"]), targets=np.asarray(method.targets(learned)),
       labels=labels, method=name, source=source.name, teacher=teacher_name,
@@ -133,6 +148,7 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
                  seconds=time.perf_counter() - t0,
                  expert_seconds=float(meta.get("buffer_seconds") or 0.0),
                  final_loss=history[-1]["loss"] if history else None,
+                 held_out=held_out, image_shift=synthetic_set.image_shift(learned["images"], x0),
                  init_indices=init_idx.tolist()))
   save_set(out_path, synthetic, workdir, job, history, "matching loss")
   param_match.save_weight_plot(os.path.join(workdir, f"param_match_{name}_weights.png"),
