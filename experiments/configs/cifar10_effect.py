@@ -17,6 +17,8 @@ ConvNet-w64s pretrained with the protocol's recipe (MSE, no augmentation,
 SGD constant lr). Read-outs: ridge probes with all, 5% and 1% of the 50,000
 CIFAR-10 training labels (10,000 test images), MKDT's logistic probe at 5%.
 
+Rows built on demand by `distill table`: none, random, kmeans, krr_st,
+full, teacher by default; kip, frepo, mtt, iadd with --set eval.rows=...
 No recorded result yet.
 """
 
@@ -76,6 +78,31 @@ def get_config(variant: str = ""):
   c.krr_st.log_every = 100
   c.krr_st.checkpoint_every = 250
   c.teacher.views = 4
+
+  # The knowledge-distillation-trajectory rows (mtt, iadd; MKDT's recipe at
+  # 2-CPU scale): ConvNet-w32 experts regress the teacher's cached views for
+  # 10 epochs of the 50k source; the last expert is held out and measures the
+  # matched set (param_match.held_out_experts).
+  c.experts.objective = "mse"
+  c.experts.num_experts = 8
+  c.experts.epochs = 10
+  c.experts.arch.width = 32
+  c.experts.log_every = 195
+  c.param_match.num_synthetic = 1_000
+  c.param_match.syn_steps = 20
+  c.param_match.expert_epochs = 2
+  c.param_match.max_start = 6
+  c.param_match.syn_batch = 100
+  c.param_match.steps = 500
+  c.param_match.log_every = 25
+  c.param_match.checkpoint_every = 100
+
+  # The label rows (KIP, FRePo) use CIFAR-10's labels; KIP's kernel as in
+  # cifar10_table.py.
+  c.kip.steps = 300
+  c.kip.batch_size = 128
+  c.kip.depth = 2
+  c.kip.downsample = 2
   if variant:
     raise ValueError(f"unknown variant {variant!r}")
   return c
