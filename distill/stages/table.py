@@ -81,7 +81,8 @@ def _backbone(row, n, arch, seed, config, workdir, source, teacher, cache: dict,
     return (*transfer.fresh_backbone(ml_collections.ConfigDict({"arch": arch}),
                                      source.images.shape[1:], seed), 0.0, 0.0)
   if row == "teacher":
-    return teacher.model, teacher.variables, teacher.info.get("train_seconds", 0.0), 0.0
+    # An imported checkpoint may not know its training time (None): counted as 0.
+    return teacher.model, teacher.variables, teacher.info.get("train_seconds") or 0.0, 0.0
   pre = config.pretrain.copy_and_resolve_references()
   with pre.unlocked():
     pre.arch = ml_collections.ConfigDict(arch)
