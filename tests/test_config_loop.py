@@ -165,6 +165,12 @@ def test_on_demand_sections_may_change_until_their_artefacts_exist(tmp_path):
     artefacts.prepare_workdir(config(*changed, "krr_st.steps=3"), workdir)
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["param_match"]["steps"] == 11
+  # KIP's section likewise, until its job or set exists.
+  artefacts.prepare_workdir(config(*changed, "param_match.steps=11", "kip.steps=5"), workdir)
+  os.makedirs(tmp_path / "sets")
+  (tmp_path / "sets" / "kip_n100.npz").write_bytes(b"")
+  with pytest.raises(DistillError, match="differs at: kip.steps"):
+    artefacts.prepare_workdir(config(*changed, "param_match.steps=11", "kip.steps=6"), workdir)
 
 
 def test_a_workdir_made_with_the_old_section_name_is_read_renamed(tmp_path):

@@ -43,11 +43,11 @@ SELECTION_KEYS = frozenset(f"eval.{k}" for k in (
     "results_path"))
 
 
-# Sections that only shape artefacts built on demand (the table's parameter-
-# matching rows). Their settings may change while none of the artefacts they
+# Sections that only shape artefacts built on demand (the table's KIP and
+# parameter-matching rows). Their settings may change while none of the artefacts they
 # shape exists in the workdir; config.json then takes the new values, so
 # later runs are checked against what was actually used.
-ON_DEMAND_SECTIONS = {"experts": ("experts_*",),
+ON_DEMAND_SECTIONS = {"experts": ("experts_*",), "kip": ("kip_*", "sets/kip_*"),
                       "param_match": ("param_match_*", "synthetic_iadd*", "synthetic_mtt*")}
 
 
