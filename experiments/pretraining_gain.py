@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -188,7 +189,12 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
          f"(constant lr, momentum {config.pretrain.momentum}, wd "
          f"{config.pretrain.weight_decay}), batch {config.pretrain.batch_size}, no augmentation. "
          f"Held-out error on {args.held_out} source images outside every subset. Read-outs "
-         f"(information only) on {config.data.target}.\n",
+         f"(information only) on {config.data.target}: ridge probes, reg by "
+         f"{config.probe.folds}-fold CV, low-label ones averaged over {config.probe.label_draws} "
+         f"draws. `seconds`: the wall time of the segment since the previous length (a "
+         f"longer run resumes the shorter one).\n",
+         f"Machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}; "
+         f"timings are upper bounds when other jobs share it.\n",
          "| | " + " | ".join(readouts) + " |", "|---|" + "---|" * len(readouts)]
   for kind, values in refs.items():
     out.append(f"| {kind} | " + " | ".join(f"{100 * values[r]:.2f}" for r in readouts) + " |")
