@@ -26,8 +26,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from distill.config import apply_overrides, load_config
 from distill.data import datasets
@@ -43,13 +41,6 @@ RECIPES = {
     # Crop + flip with the teacher's targets recomputed on each view.
     "aug_views": ("pretrain.augment=True", "pretrain.standardize_targets=True"),
 }
-
-
-def head_outputs(model_with_head, variables, images) -> np.ndarray:
-  """(N, d) predictions of the pretraining head (in the training targets' space)."""
-  return np.concatenate([
-      np.asarray(model_with_head.apply(variables, jnp.asarray(images[i:i + 500]))[1])
-      for i in range(0, len(images), 500)])
 
 
 def main(argv=None) -> int:
@@ -104,16 +95,11 @@ def main(argv=None) -> int:
                                            os.path.join(args.workdir, "full_regression"), name,
                                            kind="teacher", teacher_fn=teacher_fn)
       seconds = time.perf_counter() - t0
-      outputs = head_outputs(build_model(pre.arch, num_outputs=y_src.shape[1]), variables,
-                             x_held)
+      outputs = transfer.head_predictions(build_model(pre.arch, num_outputs=y_src.shape[1]),
+                                          variables, x_held)
       # The head predicts the training targets' space: map the held-out ones the same way.
-      if pre.standardize_targets:
-        centre = y_src.mean(0)
-        scale = float(np.sqrt(np.mean((y_src - centre) ** 2)))
-        truth = (y_held - centre) / scale
-      else:
-        truth = y_held
-      error = float(np.mean((outputs - truth) ** 2) / np.mean((truth - truth.mean(0)) ** 2))
+      truth = transfer.target_standardizer(y_src)(y_held) if pre.standardize_targets else y_held
+      error = transfer.relative_error(outputs, truth)
       line = dict(recipe=recipe, epochs=epochs, seed=args.seed, held_out_rel_error=error,
                   seconds=seconds, probe=probe(model, variables))
       lines.append(line)

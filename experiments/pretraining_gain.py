@@ -40,7 +40,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from distill import files
@@ -50,27 +49,6 @@ from distill.eval import transfer
 from distill.nn.models import build_model, extract_features, init_model
 from distill.selection import coresets
 from distill.stages import artefacts
-
-
-def head_outputs(model_with_head, variables, images) -> np.ndarray:
-  """(N, d) predictions of the pretraining head (in the training targets' space)."""
-  return np.concatenate([
-      np.asarray(model_with_head.apply(variables, jnp.asarray(images[i:i + 500]))[1])
-      for i in range(0, len(images), 500)])
-
-
-def relative_error(outputs: np.ndarray, truth: np.ndarray) -> float:
-  """Mean squared error over the variance of the truth (1 - R^2), both (N, d)."""
-  return float(np.mean((outputs - truth) ** 2) / np.mean((truth - truth.mean(0)) ** 2))
-
-
-def standardizer(targets: np.ndarray, on: bool):
-  """The map `pretrain` applies to a set's targets (centre, one overall scale)."""
-  if not on:
-    return lambda y: y
-  centre = targets.mean(0)
-  scale = float(np.sqrt(np.mean((targets - centre) ** 2))) + 1e-8
-  return lambda y: (y - centre) / scale
 
 
 def main(argv=None) -> int:
@@ -136,7 +114,8 @@ def main(argv=None) -> int:
       subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
       x_set = x_all[subset]
       y_set = teacher.features(x_set)
-      to_targets = standardizer(y_set, config.pretrain.standardize_targets)
+      to_targets = (transfer.target_standardizer(y_set) if config.pretrain.standardize_targets
+                    else lambda y: y)
       per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
       for steps in sorted(set(args.steps)):
         epochs = math.ceil(steps / per_epoch)
@@ -156,12 +135,11 @@ def main(argv=None) -> int:
               f"gain_n{n}_lr{lr:g}_seed{args.seed}", kind="teacher", quiet=True)
         seconds = time.perf_counter() - t0
         with_head = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
+        predicted = lambda x: transfer.head_predictions(with_head, variables, x)
         record(dict(kind="student", n=n, lr=lr, steps=epochs * per_epoch, epochs=epochs,
-                    held_out_rel_error=relative_error(head_outputs(with_head, variables,
-                                                                   x_all[held]),
-                                                      to_targets(y_held)),
-                    train_rel_error=relative_error(head_outputs(with_head, variables, x_set),
-                                                   to_targets(y_set)),
+                    held_out_rel_error=transfer.relative_error(predicted(x_all[held]),
+                                                               to_targets(y_held)),
+                    train_rel_error=transfer.relative_error(predicted(x_set), to_targets(y_set)),
                     pretrain_seconds=seconds, readouts=read_out(model, variables)))
   write_report(lines, args, config, teacher)
   return 0

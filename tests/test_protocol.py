@@ -70,6 +70,33 @@ def test_regressing_the_teacher_recovers_it_only_with_matching_targets(toy_teach
   gain = lambda acc: (acc - none_acc) / (teacher_acc - none_acc)
   fixed_gain, old_gain = gain(_probe(*fixed, images, labels)), gain(_probe(*old, images, labels))
   assert fixed_gain > 0.5 and fixed_gain > old_gain + 0.3, (fixed_gain, old_gain)
+  # Its own label-free objective: on images outside its subset the head predicts
+  # the teacher's (standardised) representation far better than their mean does.
+  unseen = slice(1024, None)
+  head = build_model(ml_collections.ConfigDict(ARCH), num_outputs=targets.shape[1])
+  error = transfer.relative_error(
+      transfer.head_predictions(head, fixed[1], images[unseen]),
+      transfer.target_standardizer(targets[source])(targets[unseen]))
+  assert error < 0.8, error
+
+
+def test_relative_error_and_the_target_map_against_closed_forms():
+  rng = np.random.default_rng(0)
+  truth = rng.normal(3.0, 2.0, (4000, 8))
+  assert transfer.relative_error(np.broadcast_to(truth.mean(0), truth.shape), truth) == \
+      pytest.approx(1.0)
+  assert transfer.relative_error(truth, truth) == 0.0
+  noise = rng.normal(0.0, 1.0, truth.shape)
+  # E||noise||^2 / Var(truth) = 1 / 4, to Monte Carlo precision.
+  assert transfer.relative_error(truth + noise, truth) == pytest.approx(0.25, rel=0.03)
+  standardize = transfer.target_standardizer(truth)
+  z = standardize(truth)
+  np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)  # the centre is kept in float32
+  assert np.sqrt(np.mean(z ** 2)) == pytest.approx(1.0, rel=1e-6)
+  # One overall scale, not per dimension: ratios between dimensions survive.
+  np.testing.assert_allclose(z.std(0) / z.std(0)[0], truth.std(0) / truth.std(0)[0], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(standardize(jnp.asarray(truth, jnp.float32))), z,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_augmented_pretraining_recomputes_targets_on_the_same_view():

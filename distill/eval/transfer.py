@@ -76,6 +76,21 @@ def make_pretrain_step(model, optimizer, augment_images: bool, loss: str,
   return jax.jit(step, donate_argnums=0)
 
 
+def target_standardizer(targets: np.ndarray):
+  """The map `pretrain.standardize_targets` applies: per-dimension centre, one overall scale.
+
+  Args:
+    targets: (n, d) a set's targets; the map is fitted to them.
+
+  Returns:
+    `y (..., d) -> (y - centre) / scale`, for numpy or jax arrays (e.g. the
+    teacher's targets of other images, to compare them with the head's output).
+  """
+  centre = np.asarray(targets, np.float32).mean(0)
+  scale = float(np.sqrt(np.mean((targets - centre) ** 2))) + 1e-8
+  return lambda y: (y - centre) / scale
+
+
 def pretrain(cfg: ml_collections.ConfigDict, images: np.ndarray, targets: np.ndarray,
              seed: int, workdir: str, name: str, *, kind: str = "teacher",
              loss: str = "mse", teacher_fn=None, quiet: bool = False):
@@ -113,12 +128,11 @@ def pretrain(cfg: ml_collections.ConfigDict, images: np.ndarray, targets: np.nda
     # One affine map of the targets (per-dimension centre, one overall
     # scale): the head absorbs it, and the regression no longer spends its
     # effort on the targets' large common mean.
-    centre = targets.mean(0)
-    scale = float(np.sqrt(np.mean((targets - centre) ** 2))) + 1e-8
-    targets = (targets - centre) / scale
+    standardize = target_standardizer(targets)
+    targets = standardize(targets)
     if view_targets is not None:
       teacher_view = view_targets
-      view_targets = lambda x: (teacher_view(x) - centre) / scale
+      view_targets = lambda x: standardize(teacher_view(x))
   model = build_model(cfg.arch, num_outputs=d)
   num_steps = pretrain_steps(cfg, n)
   schedule = (cfg.get("schedule", "cosine"), cfg.lr, num_steps)
@@ -139,6 +153,28 @@ def pretrain(cfg: ml_collections.ConfigDict, images: np.ndarray, targets: np.nda
                       log_every=max(num_steps // 5, 1), checkpoint_every=max(num_steps // 4, 1),
                       quiet=quiet)
   return build_model(cfg.arch), state["variables"]
+
+
+def head_predictions(model_with_head, variables: dict, images: np.ndarray,
+                     batch_size: int = 500) -> np.ndarray:
+  """(N, d) predictions of a pretrained network's head (the training targets' space).
+
+  Args:
+    model_with_head: the network built with `num_outputs=d`, as `pretrain` trains it.
+    variables: its variables (those `pretrain` returns). images: (N, H, W, C) normalised.
+  """
+  return np.concatenate([
+      np.asarray(model_with_head.apply(variables, jnp.asarray(images[i:i + batch_size]))[1])
+      for i in range(0, len(images), batch_size)])
+
+
+def relative_error(predictions: np.ndarray, truth: np.ndarray) -> float:
+  """Mean squared error over the variance of the truth (1 - R^2), both (N, d).
+
+  Pretraining's own label-free objective: on images the network never saw,
+  how much of the teacher's representation its head does not predict.
+  """
+  return float(np.mean((predictions - truth) ** 2) / np.mean((truth - truth.mean(0)) ** 2))
 
 
 def fresh_backbone(cfg: ml_collections.ConfigDict, image_shape, seed: int):
