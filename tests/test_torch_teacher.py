@@ -177,4 +177,4 @@ def test_a_snapshot_of_a_teacher_run_is_its_latest_checkpoint_as_a_teacher_folde
   assert snapshot.info["snapshot_step"] == snapshot.info["num_steps"] == finished.info["steps"]
   with pytest.raises(DistillError, match="no teacher checkpoint in"):
     snapshot_teacher(config, str(tmp_path / "never_trained"), str(tmp_path / "snap2"))
-  assert not (tmp_path / "snap2").exists()
+  assert not (tmp_path / "snap2").exists() and not (tmp_path / "never_trained").exists()

@@ -182,6 +182,11 @@ def make_infobatch_train_step(model, optimizer, mean, std, lambda_offdiag: float
   return jax.jit(step, donate_argnums=0)
 
 
+def train_steps(cfg: ml_collections.ConfigDict, n: int) -> int:
+  """Optimiser steps of `train` on n images (whole batches, the ragged last one dropped)."""
+  return cfg.epochs * max(n // min(cfg.batch_size, n), 1)
+
+
 def train(cfg: ml_collections.ConfigDict, images: np.ndarray, seed: int, workdir: str,
           name: str = "teacher") -> tuple[dict, list[dict], int]:
   """Trains Barlow Twins on unlabelled images; resumable.
@@ -198,7 +203,7 @@ def train(cfg: ml_collections.ConfigDict, images: np.ndarray, seed: int, workdir
   n, image_shape = len(images), images.shape[1:]
   mean, std = datasets.channel_stats(images)
   batch_size = min(cfg.batch_size, n)
-  num_steps = cfg.epochs * max(n // batch_size, 1)
+  num_steps = train_steps(cfg, n)
   log(f"[{name}] Barlow Twins {cfg.arch.name}: {n} images {image_shape}, {num_steps} steps")
   model = build_barlow_twins(cfg)
   optimizer = make_optimizer(cfg, num_steps)

@@ -295,7 +295,6 @@ class ParamMatch:
                **weight_stats(aux["weights"], start, aux["mask"])}
     return {"learned": learned, "opt_state": opt_state}, metrics
 
-
   @functools.partial(jax.jit, static_argnums=0)
   def _losses(self, learned: dict, start, target, rng: jax.Array):
     """(the method's own matching loss, the plain W = 1 loss) of one unroll."""

@@ -104,14 +104,16 @@ def snapshot_teacher(config, workdir: str, out_dir: str) -> barlow_twins.Teacher
     workdir: the workdir of that training. out_dir: the folder to write.
   """
   cfg = config.teacher
-  ckpt = Checkpointer(os.path.join(workdir, TEACHER, "ckpt"))
-  step = ckpt.latest_step()
+  directory = os.path.join(workdir, TEACHER, "ckpt")
+  # Checked before the checkpointer is made: it would create the folder.
+  ckpt = Checkpointer(directory) if os.path.isdir(directory) else None
+  step = ckpt.latest_step() if ckpt else None
   if not step:
-    raise DistillError(f"no teacher checkpoint in {os.path.join(workdir, TEACHER, 'ckpt')} "
-                       f"(start `distill teacher` with this --workdir first)")
+    raise DistillError(f"no teacher checkpoint in {directory} (start `distill teacher` "
+                       f"with this --workdir first)")
   source = load_source(config)
   images = source.images
-  num_steps = cfg.epochs * max(len(images) // min(cfg.batch_size, len(images)), 1)
+  num_steps = barlow_twins.train_steps(cfg, len(images))
   model = barlow_twins.build_barlow_twins(cfg)
   like = barlow_twins.init_state(model, barlow_twins.make_optimizer(cfg, num_steps),
                                  jax.random.key(config.seed), images.shape[1:])
