@@ -24,7 +24,7 @@ No recorded result yet.
 
 import os
 
-from distill.config import base_config
+from distill.config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data"))
@@ -32,22 +32,9 @@ REFERENCE_TEACHER = os.path.normpath(os.path.join(HERE, "..", "teachers", "cifar
 
 
 def get_config(variant: str = ""):
-  c = base_config()
-  c.data.source = os.path.join(SHARED, "cifar10-jpg.tar.gz")
-  c.data.num_source = 0               # all 50,000
-  c.data.target = c.data.source
-  c.data.target_test_split = "test"
-  c.data.num_target_train = 0
-  c.data.num_target_test = 0
-
-  # The reference teacher's settings (its folder carries its own card).
-  c.teacher.arch.name = "convnet"
-  c.teacher.arch.width = 64
-  c.teacher.projector = (1024, 1024)
-  c.teacher.epochs = 60
-  c.teacher.lr = 2e-3
-  c.teacher.warmup_steps = 200
-  c.teacher.representation = "features"
+  # Source, target (all 50k CIFAR-10 images, its test split) and the teacher's
+  # settings are the reference teacher's; its committed folder is imported.
+  c = load_config(os.path.join(HERE, "cifar10_reference_teacher.py"))
   c.teacher.checkpoint = REFERENCE_TEACHER
 
   c.pretrain.arch.width = 64
@@ -58,25 +45,12 @@ def get_config(variant: str = ""):
   c.eval.extra_targets = (os.path.join(SHARED, "imagenette32-png.tar.gz") + "|train|val",
                           "/usr/share/datasets/fashion-mnist|train|test")
   c.eval.results_path = os.path.normpath(os.path.join(HERE, "..", "results", "cifar10_effect"))
-  # KRR-ST at 2-CPU scale (cifar10_krr_st.py's pool: 4 instance-norm
-  # ConvNet-w32s; the paper's batch-norm pool is the GPU setting), with 4
-  # cached teacher views per source image so the teacher never runs in a step.
+  # KRR-ST at 2-CPU scale: cifar10_krr_st.py's settings (a pool of 4
+  # instance-norm ConvNet-w32s; the paper's batch-norm pool is the GPU
+  # setting) at n = 1,000, with 4 cached teacher views per source image so
+  # the teacher never runs in a step.
+  c.krr_st = load_config(os.path.join(HERE, "cifar10_krr_st.py")).krr_st
   c.krr_st.num_synthetic = 1_000
-  c.krr_st.steps = 1500
-  c.krr_st.batch_size = 256
-  c.krr_st.lr_images = 1e-3
-  c.krr_st.lr_targets = 1e-3
-  c.krr_st.reg = 1e-3
-  c.krr_st.reg_scaling = "trace_over_n"
-  c.krr_st.pool.size = 4
-  c.krr_st.pool.max_age = 100
-  c.krr_st.pool.arch.widths = ()
-  c.krr_st.pool.arch.norm = "instance"
-  c.krr_st.pool.arch.width = 32
-  c.krr_st.pool.weight_decay = 0.0
-  c.krr_st.pool.lr = 0.01
-  c.krr_st.log_every = 100
-  c.krr_st.checkpoint_every = 250
   c.teacher.views = 4
 
   # The knowledge-distillation-trajectory rows (mtt, iadd; MKDT's recipe at
