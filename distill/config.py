@@ -265,6 +265,11 @@ def base_config() -> ml_collections.ConfigDict:
       regs=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
       folds=5,
       label_draws=5,
+      # Which view of each backbone the probes read (nn.models.FEATURE_KINDS):
+      # "features" as they are (a ConvNet's flattened last map), "gap" that
+      # map averaged over space. Where random-init flattened maps already
+      # read like the pixels (Fashion-MNIST), "gap" is where training shows.
+      representation="features",
   ))
 
   # The results table (distill/stages/table.py): rows x architectures x targets x

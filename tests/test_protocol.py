@@ -199,3 +199,20 @@ def test_mkdt_probe_reaches_the_minimiser_of_its_objective():
   low = transfer.probe_readout("mkdt_probe_5pct", x[:500], y[:500], x[500:], y[500:],
                                regs=(1.0,), folds=2, label_draws=2, seed=0)
   assert low["draws"] == 2 and 0 <= low["accuracy"] <= 1 and "reg" not in low
+
+
+def test_gap_features_average_the_convnet_map_and_leave_a_resnet_as_is():
+  images = np.random.default_rng(1).normal(size=(6,) + SHAPE).astype(np.float32)
+  model = build_model(ARCH)
+  variables = init_model(model, jax.random.key(0), SHAPE)
+  flat = extract_features(model, variables, images)
+  # Three 2x2 poolings of 16x16: a 2x2 map of 16 channels, flattened (h, w, c).
+  assert flat.shape == (6, 2 * 2 * 16)
+  gap = extract_features(model, variables, images, batch_size=4, kind="gap")
+  np.testing.assert_allclose(gap, flat.reshape(6, 4, 16).mean(1), rtol=1e-6, atol=1e-6)
+  resnet = build_model(dict(name="resnet10", width=8, depth=0, norm="default", widths=()))
+  resnet_vars = init_model(resnet, jax.random.key(0), SHAPE)
+  np.testing.assert_array_equal(extract_features(resnet, resnet_vars, images, kind="gap"),
+                                extract_features(resnet, resnet_vars, images))
+  with pytest.raises(DistillError, match="unknown feature kind 'pool'"):
+    extract_features(model, variables, images, kind="pool")

@@ -127,6 +127,7 @@ def test_add_runs_merges_without_duplicates_or_losses(tmp_path):
     ("eval.archs=('resnet10:x',)", "not an integer"),
     ("eval.extra_targets=('a|b',)", "expected 'dataset'"),
     ("eval.seeds=()", "eval.seeds is empty"),
+    ("probe.representation='pooled'", "unknown probe.representation"),
 ])
 def test_plan_rejects_bad_settings(override, message):
   with pytest.raises(DistillError, match=message):

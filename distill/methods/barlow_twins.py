@@ -33,8 +33,8 @@ from distill.data import augment, datasets
 from distill.errors import DistillError
 from distill.nn.loop import batch_indices, log, run_loop
 from distill.nn import torch_layout
-from distill.nn.models import (TORCH_RESNETS, TorchResNet, apply_model, build_model,
-                                  gradient_step, init_model)
+from distill.nn.models import (FEATURE_KINDS, TORCH_RESNETS, TorchResNet, apply_model,
+                                  build_model, feature_view, gradient_step, init_model)
 from distill.selection import infobatch
 
 
@@ -263,24 +263,19 @@ def train_infobatch(cfg: ml_collections.ConfigDict, images: np.ndarray, seed: in
   return state["variables"], report
 
 
-REPRESENTATIONS = ("features", "gap")
+REPRESENTATIONS = FEATURE_KINDS
 
 
 def represent(model: nn.Module, variables: dict, x: jax.Array, kind: str) -> jax.Array:
   """The teacher's representation of normalised images x (B, H, W, C) -> (B, d).
 
-  "features": the backbone features as they are; "gap": the last feature map
-  averaged over space. A ResNet's features are already pooled; a ConvNet's
-  are its flattened (h, w, c) map, so "gap" averages its h * w positions.
+  `kind` is one of REPRESENTATIONS (`models.feature_view`): "features" the
+  backbone features as they are, "gap" the last feature map averaged over space.
   """
-  features = model.apply(variables, x, train=False)[0]
-  if kind == "features" or not hasattr(model, "depth"):
-    return features
-  if kind != "gap":
+  if kind not in REPRESENTATIONS:
     raise DistillError(f"unknown teacher.representation {kind!r}; expected one of "
                        f"{REPRESENTATIONS}")
-  channels = (model.widths or (model.width,))[-1]
-  return features.reshape(features.shape[0], -1, channels).mean(1)
+  return feature_view(model, model.apply(variables, x, train=False)[0], kind)
 
 
 class Teacher(NamedTuple):

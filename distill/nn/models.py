@@ -302,24 +302,48 @@ def gradient_step(model: nn.Module, optimizer, state: dict, x: jax.Array,
   return (*out, aux) if has_aux else out
 
 
+# What a backbone hands on: "features" as they are (a ResNet's are pooled
+# already; a ConvNet's are its flattened (h, w, c) map); "gap" the last feature
+# map averaged over space (for ResNets the same as "features").
+FEATURE_KINDS = ("features", "gap")
+
+
+def feature_view(model: nn.Module, features: jax.Array, kind: str) -> jax.Array:
+  """A backbone's (B, p) features seen as `kind` (FEATURE_KINDS) -> (B, d).
+
+  A ConvNet's "gap" averages its h * w positions: (B, h * w * c) -> (B, c).
+  """
+  if kind not in FEATURE_KINDS:
+    raise DistillError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
+  if kind == "features" or not hasattr(model, "depth"):
+    return features
+  channels = (model.widths or (model.width,))[-1]
+  return features.reshape(features.shape[0], -1, channels).mean(1)
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted_features(model: nn.Module):
-  # One executable per architecture (flax modules hash by their fields),
-  # reused across calls instead of re-tracing a fresh lambda each time.
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False)[0])
+def _jitted_features(model: nn.Module, kind: str):
+  # One executable per architecture and kind (flax modules hash by their
+  # fields), reused across calls instead of re-tracing a fresh lambda each time.
+  return jax.jit(lambda variables, x: feature_view(
+      model, model.apply(variables, x, train=False)[0], kind))
 
 
-def extract_features(model: nn.Module, variables: dict, images, batch_size: int = 500):
+def extract_features(model: nn.Module, variables: dict, images, batch_size: int = 500,
+                     kind: str = "features"):
   """Frozen features of a whole array, in chunks to bound memory.
 
   Args:
     model: a network of this module. variables: its variables.
     images: (N, H, W, C) normalised float32 images (numpy or jax).
+    kind: which view of the features (FEATURE_KINDS).
 
   Returns:
     (N, p) float32 numpy array.
   """
-  apply = _jitted_features(model)
+  if kind not in FEATURE_KINDS:
+    raise DistillError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
+  apply = _jitted_features(model, kind)
   chunks = [np.asarray(apply(variables, jnp.asarray(images[i:i + batch_size])))
             for i in range(0, len(images), batch_size)]
   return np.concatenate(chunks).astype(np.float32)

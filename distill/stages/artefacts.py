@@ -152,7 +152,7 @@ def load_target(config, image_shape, mean, std, spec: str | None = None):
 def probe_backbone(config, model, variables, image_shape, mean, std, seed: int = 0) -> dict:
   """Linear-probe accuracy of a backbone's frozen features on the target."""
   x_train, y_train, x_test, y_test = load_target(config, image_shape, mean, std)
-  features = lambda x: extract_features(model, variables, x)
+  features = lambda x: extract_features(model, variables, x, kind=config.probe.representation)
   return transfer.linear_probe(features(x_train), y_train, features(x_test), y_test,
                                regs=tuple(config.probe.regs),
                                folds=config.probe.folds, seed=seed)

@@ -28,7 +28,7 @@ from distill.data import datasets
 from distill.errors import DistillError
 from distill.eval import table, transfer
 from distill.nn.loop import log
-from distill.nn.models import extract_features
+from distill.nn.models import FEATURE_KINDS, extract_features
 from distill.stages import sets
 from distill.stages.artefacts import (load_source, load_target, main_target, parse_target,
                                       source_features, workdir_teacher)
@@ -49,6 +49,9 @@ def plan(config) -> list[table.Job]:
                        f"got {tuple(ev.readouts)}")
   if not ev.seeds:
     raise DistillError("eval.seeds is empty")
+  if config.probe.representation not in FEATURE_KINDS:
+    raise DistillError(f"unknown probe.representation {config.probe.representation!r}; "
+                       f"expected one of {FEATURE_KINDS}")
   base = config.pretrain.arch
   archs = [(table.arch_label(base), dict(base))] + [table.parse_arch(s, base) for s in ev.archs]
   specs = [main_target(config)] + list(ev.extra_targets)
@@ -203,8 +206,9 @@ def _readout(readout, config, model, variables, target, seed, workdir, name,
   x_train, y_train, x_test, y_test = target
   if readout in transfer.PROBE_FRACTIONS:
     if not features:
-      features.update(train=extract_features(model, variables, x_train),
-                      test=extract_features(model, variables, x_test))
+      kind = config.probe.representation
+      features.update(train=extract_features(model, variables, x_train, kind=kind),
+                      test=extract_features(model, variables, x_test, kind=kind))
     p = config.probe
     return transfer.probe_readout(readout, features["train"], y_train, features["test"], y_test,
                                   regs=tuple(p.regs), folds=p.folds, label_draws=p.label_draws,
