@@ -79,6 +79,10 @@ def get_config(variant: str = ""):
     c.teacher.arch.width = 8
     c.teacher.arch.depth = 2
     c.teacher.projector = (32, 32)
+    # A width-8 teacher's pooled map is 8 numbers: the tests use the
+    # flattened map (the default path), and test_protocol the pooled one.
+    c.teacher.representation = "features"
+    c.probe.representation = "features"
     c.teacher.epochs = 2
     c.teacher.batch_size = 32
     c.krr_st.num_synthetic = 12
