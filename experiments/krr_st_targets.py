@@ -35,30 +35,21 @@ import jax
 import numpy as np
 
 from distill import files
-from distill.config import load_config
 from distill.data import datasets, synthetic_set
 from distill.eval import transfer
 from distill.nn.models import extract_features
 from distill.stages import artefacts
 
+import probe_script
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True)
-  parser.add_argument("--workdir", required=True, help="holds (or imports) the teacher")
   parser.add_argument("--synthetic", required=True, help="a KRR-ST synthetic.npz")
   parser.add_argument("--pretrain", action="store_true",
                       help="also pretrain a student on the re-labelled learned images")
-  parser.add_argument("--readouts", nargs="+", default=["linear_probe_5pct", "linear_probe"])
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--out", required=True, help="the .json to write")
-  args = parser.parse_args(argv)
-  if os.path.exists(args.out):
-    raise SystemExit(f"--out {args.out} exists; remove it or choose another path")
-
-  config = load_config(args.config, args.set)
-  teacher = artefacts.workdir_teacher(config, args.workdir)
+  args, config, teacher = probe_script.start(parser, argv,
+                                             ["linear_probe_5pct", "linear_probe"])
   s = synthetic_set.load_synthetic(args.synthetic)
   if "init_indices" not in s.extra:
     raise SystemExit(f"{args.synthetic}: no extra.init_indices (not a KRR-ST set from a "
