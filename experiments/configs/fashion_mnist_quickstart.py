@@ -38,9 +38,10 @@ def get_config(variant: str = ""):
   # Targets and probes use the pooled map ("gap", 32 dims). On Fashion-MNIST
   # a random-init ConvNet's flattened 3x3 map (288 dims) already reads like
   # the pixels: 84.5% under the probe, and Barlow Twins for 8 or 24 epochs
-  # adds only 0.3 there, so no pretraining could show. Pooled, the same
+  # adds at most 0.3 there, so no pretraining could show. Pooled, the same
   # 24-epoch teacher reads 72.9% against 69.8% with all labels and 66.3%
-  # against 60.7% with 1% of them (8 epochs: 69.9 and 63.2).
+  # against 60.7% with 1% of them (8 epochs: 69.8 and 63.0;
+  # experiments/results/representation_headroom*.json).
   c.teacher.representation = "gap"
   c.probe.representation = "gap"
 
