@@ -153,6 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
       expert_epochs=2,         # M: the target is the expert M epochs later
       max_start=20,            # start epochs t are drawn from 0..max_start-1
       syn_batch=256,           # synthetic images per student step (>= n: all)
+      # Start images: "random" (a random, or for "ce" experts class-balanced,
+      # subset) or "high_loss" (MKDT's: the n source images a trained expert
+      # fits worst, i.e. the highest loss of the first expert's last
+      # checkpoint against the teacher's representation of the image; "mse"
+      # experts only).
+      init="random",
       steps=5000,
       lr_images=1e-2,          # Adam learning rates of each learned group
       lr_targets=1e-2,

@@ -353,6 +353,7 @@ def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys
                               ("alpha_init", -1.0, "alpha_init=-1.0 must be positive"),
                               ("granularity", "layer", "unknown param_match.granularity"),
                               ("prune_fraction", 1.0, "prune_fraction=1.0 must be in"),
+                              ("init", "kmeans", "unknown param_match.init 'kmeans'"),
                               ("syn_steps", 0, "syn_steps=0 must be at least 1")):
     bad = base_config().param_match
     with bad.unlocked():
@@ -382,6 +383,10 @@ def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys
   os.symlink(expert_run[0] / "experts_ce", tmp_path / "match" / "experts_ce")
   with pytest.raises(DistillError, match="trained with 'ce' but the source .* has no labels"):
     run_param_match(_smoke(str(unlabelled)), str(tmp_path / "match"))
+  # The high-loss start ranks images against teacher representations: not for "ce" experts.
+  with pytest.raises(DistillError, match="'ce' experts start from a class-balanced subset"):
+    run_param_match(_smoke(blobs_npz, "param_match.init=high_loss"), str(tmp_path / "match"))
+  assert not os.path.exists(tmp_path / "match" / "synthetic_iadd_ce.npz")
   # Through the command line: one `error:` line and exit status 2.
   assert main(["param-match", "--config", CONFIG + ":smoke", "--workdir", str(tmp_path / "cli"),
                "--set", "param_match.method=dc"]) == 2

@@ -11,6 +11,7 @@ import pytest
 from distill.config import base_config, load_config
 from distill.data import augment, synthetic_set
 from distill.methods import barlow_twins, teacher_views
+from distill.methods import experts as experts_lib
 from distill.methods.krr_st import KRRST
 from distill.nn.models import build_model, init_model
 from distill.stages import teacher_views as cache_stage
@@ -157,3 +158,26 @@ def test_krr_st_and_mse_experts_use_the_cache_through_the_cli(blobs_npz, tmp_pat
   assert main(experts) == 0
   assert os.path.getmtime(directory / "targets.npy") == mtime
   assert "[teacher_views]" not in capsys.readouterr().out
+  # MKDT's high-loss start: the n source images the first expert, after its
+  # last epoch, fits worst against the teacher's view of the image itself.
+  match = smoke_args("param-match", tmp_path, blobs_npz, *experts[-8:],
+                     "--set", "param_match.method=mtt", "--set", "param_match.init=high_loss",
+                     "--set", "param_match.num_synthetic=8", "--set", "param_match.syn_batch=8",
+                     "--set", "param_match.syn_steps=2", "--set", "param_match.steps=2",
+                     "--set", "param_match.max_start=1", "--set", "param_match.expert_epochs=1")
+  assert main(match) == 0
+  synthetic = synthetic_set.load_synthetic(str(tmp_path / "synthetic_mtt.npz"))
+  buffer = experts_lib.load_buffer(str(tmp_path / "experts_mse"))
+  meta, final = buffer.meta, buffer.checkpoint(0, 2)
+  source = np.load(blobs_npz)["x_train"]
+  x = (source.astype(np.float32) / 255 - np.asarray(meta["mean"])) / np.asarray(meta["std"])
+  outputs = experts_lib.expert_model(meta["arch"], meta["num_outputs"]).apply(
+      {"params": final}, jnp.asarray(x, jnp.float32))[1]
+  view0 = np.load(directory / "targets.npy")[:, 0].astype(np.float32)
+  by_hand = np.mean((np.asarray(outputs, np.float64) - view0) ** 2, axis=1)
+  worst = sorted(np.argsort(-by_hand)[:8].tolist())
+  assert synthetic.extra["init"] == "high_loss" and synthetic.extra["init_indices"] == worst
+  scores = synthetic.extra["init_scores"]
+  assert scores["chosen_mean"] == pytest.approx(by_hand[worst].mean(), rel=1e-4)
+  assert scores["chosen_min"] >= np.sort(by_hand)[-8] * (1 - 1e-4) > 0
+  assert scores["source_mean"] == pytest.approx(by_hand.mean(), rel=1e-4)

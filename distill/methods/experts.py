@@ -320,6 +320,33 @@ def sample_checkpoints(buffer: ExpertBuffer, seed: int, step: int, max_start: in
   return e, t, buffer.checkpoint(e, t), buffer.checkpoint(e, t + expert_epochs)
 
 
+def per_sample_losses(meta: dict, params, images: np.ndarray, targets: np.ndarray,
+                      batch_size: int = 1000) -> np.ndarray:
+  """Each image's loss under one expert checkpoint, without augmentation.
+
+  Args:
+    meta: the buffer's metadata (arch, num_outputs, objective).
+    params: one checkpoint's params pytree (`ExpertBuffer.checkpoint`).
+    images: (N, H, W, C) float32, normalised with the buffer's mean and std.
+    targets: (N, k) what the expert was trained on: teacher representations
+      ("mse") or class probabilities ("ce").
+    batch_size: images per forward pass.
+
+  Returns:
+    (N,) float32 losses, `per_sample_loss` of the buffer's objective.
+  """
+  fn = _jitted_losses(expert_model(meta["arch"], int(meta["num_outputs"])), meta["objective"])
+  return np.concatenate([
+      np.asarray(fn(params, jnp.asarray(images[i:i + batch_size]),
+                    jnp.asarray(targets[i:i + batch_size], jnp.float32)))
+      for i in range(0, len(images), batch_size)]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_losses(model: nn.Module, objective: str):
+  return jax.jit(lambda p, x, y: per_sample_loss(objective, model.apply({"params": p}, x)[1], y))
+
+
 def expert_lr(cfg) -> float:
   """The SGD step size of `cfg` (an `experts` section) for its objective."""
   return float(cfg.lr_ce if cfg.objective == "ce" else cfg.lr_mse)

@@ -48,6 +48,7 @@ from distill.methods import experts as experts_lib
 
 METHODS = ("iadd", "mtt")
 GRANULARITIES = ("parameter", "tensor")
+INITS = ("random", "high_loss")
 _RAW_FOR_ONE = float(np.log(np.expm1(1.0)))  # softplus(_RAW_FOR_ONE) == 1
 _LOG_ALPHA_BOUNDS = (float(np.log(1e-12)), float(np.log(1e3)))
 
@@ -59,6 +60,8 @@ def check_config(cfg, buffer_epochs: int | None = None) -> None:
   if cfg.granularity not in GRANULARITIES:
     raise DistillError(f"unknown param_match.granularity {cfg.granularity!r}; expected one "
                        f"of {GRANULARITIES}")
+  if cfg.init not in INITS:
+    raise DistillError(f"unknown param_match.init {cfg.init!r}; expected one of {INITS}")
   if not 0.0 <= cfg.prune_fraction < 1.0:
     raise DistillError(f"param_match.prune_fraction={cfg.prune_fraction} must be in [0, 1)")
   if cfg.prune_fraction and cfg.method == "mtt":

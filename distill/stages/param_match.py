@@ -53,6 +53,37 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
   return experts.load_buffer(directory)
 
 
+def high_loss_subset(config, workdir: str, source, teacher, buffer: experts.ExpertBuffer,
+                     n: int) -> tuple[np.ndarray, dict]:
+  """MKDT's start images: the n source images a trained "mse" expert fits worst.
+
+  The score of an image is the squared error of the buffer's first expert,
+  after its last epoch, against the teacher's representation of the image
+  itself (view 0 of the teacher-view cache, or the teacher run once). Images
+  a network still gets wrong after training are the ones whose trajectory
+  segments carry the most signal to match.
+
+  Returns:
+    (the n indices, sorted; {"source_mean", "chosen_mean", "chosen_min"} of the scores).
+  """
+  views = workdir_views(config, workdir, source, teacher)
+  if views is not None:
+    targets = np.asarray(views.targets[:, 0], np.float32)
+  else:
+    targets = teacher.features(datasets.normalize(source.images, teacher.mean, teacher.std))
+  meta = buffer.meta
+  images = datasets.normalize(source.images, np.asarray(meta["mean"], np.float32),
+                              np.asarray(meta["std"], np.float32))
+  scores = experts.per_sample_losses(meta, buffer.checkpoint(0, buffer.epochs), images, targets)
+  idx = np.sort(np.argsort(-scores, kind="stable")[:n])
+  summary = dict(source_mean=float(scores.mean()), chosen_mean=float(scores[idx].mean()),
+                 chosen_min=float(scores[idx].min()))
+  log(f"[param_match] high-loss start: expert 0 after {buffer.epochs} epochs, mean loss "
+      f"{summary['chosen_mean']:.4g} on the {n} chosen images, {summary['source_mean']:.4g} "
+      f"on the source")
+  return idx, summary
+
+
 def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   """Distils the source by parameter matching into `<workdir>/synthetic_<name>.npz`.
 
@@ -87,7 +118,17 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
                        f"({num_source} images)")
   t0 = time.perf_counter()
   mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
+  # The last experts are held out: never matched, they measure the set afterwards.
+  num_experts = len(buffer.trajectories)
+  held = list(range(num_experts - min(max(cfg.held_out_experts, 0), num_experts - 1),
+                    num_experts))
+  matched = buffer._replace(trajectories=buffer.trajectories[:num_experts - len(held)])
+  init_scores = None
   if objective == "ce":
+    if cfg.init != "random":
+      raise DistillError(f"param_match.init={cfg.init!r} ranks images by their loss against "
+                         f"the teacher's representations; 'ce' experts start from a "
+                         f"class-balanced subset (param_match.init='random')")
     if source.labels is None:
       raise DistillError(f"the experts were trained with 'ce' but the source {source.name!r} "
                          f"has no labels")
@@ -96,22 +137,20 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
     x0 = datasets.normalize(source.images[init_idx], mean, std)
     y0, teacher_name = param_match.initial_soft_labels(labels, num_outputs), "source_labels"
   else:
-    init_idx, labels = coresets.random_subset(num_source, n, config.seed), None
-    teacher = workdir_teacher(config, workdir)
+    labels, teacher = None, workdir_teacher(config, workdir)
     if teacher.dim != num_outputs:
       raise DistillError(f"teacher width {teacher.dim} differs from the experts' outputs "
                          f"{num_outputs}")
+    if cfg.init == "high_loss":
+      init_idx, init_scores = high_loss_subset(config, workdir, source, teacher, matched, n)
+    else:
+      init_idx = coresets.random_subset(num_source, n, config.seed)
     x0 = datasets.normalize(source.images[init_idx], mean, std)
     y0 = teacher.features(x0)
     teacher_name = f"barlow_twins/{teacher.model.__class__.__name__.lower()}"
   method = param_match.ParamMatch(cfg, experts.expert_model(meta["arch"], num_outputs), objective)
   state = method.init(jax.random.key(config.seed), x0, y0)
   initial = jax.device_get(state["learned"])
-  # The last experts are held out: never matched, they measure the set afterwards.
-  num_experts = len(buffer.trajectories)
-  held = list(range(num_experts - min(max(cfg.held_out_experts, 0), num_experts - 1),
-                    num_experts))
-  matched = buffer._replace(trajectories=buffer.trajectories[:num_experts - len(held)])
   log(f"[param_match] {name}: n={n} synthetic images, {len(matched.trajectories)} experts "
       f"matched + {len(held)} held out ({objective}, {buffer.epochs} epochs), "
       f"N={cfg.syn_steps} M={cfg.expert_epochs} max_start={cfg.max_start}, W per "
@@ -149,7 +188,7 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
                  expert_seconds=float(meta.get("buffer_seconds") or 0.0),
                  final_loss=history[-1]["loss"] if history else None,
                  held_out=held_out, image_shift=synthetic_set.image_shift(learned["images"], x0),
-                 init_indices=init_idx.tolist()))
+                 init=cfg.init, init_indices=init_idx.tolist(), init_scores=init_scores))
   save_set(out_path, synthetic, workdir, job, history, "matching loss")
   param_match.save_weight_plot(os.path.join(workdir, f"param_match_{name}_weights.png"),
                                weights, f"{name}: importance weights per tensor "
