@@ -117,13 +117,15 @@ def _tiny_method(objective="mse", size=4, channels=1, n=3, outputs=2, **cfg_upda
 
 @pytest.fixture(scope="module")
 def tiny_gradients():
-  """A tiny float64 problem's loss and gradients with and without remat, and
-  central differences of the loss along random directions (one set of
-  compilations shared by two tests)."""
+  """A tiny float64 problem's loss and gradients with and without remat, with
+  the unroll compiled as a loop ("loop"; on the CPU the default is straight-line
+  code), and central differences of the loss along random directions (one set
+  of compilations shared by three tests)."""
   out, eps = {}, 1e-6
   with jax.enable_x64(True):
-    for remat in (False, True):
-      method, state, start, target = _tiny_method(remat=remat)
+    for remat in (False, True, "loop"):
+      method, state, start, target = (_tiny_method(unroll=1) if remat == "loop" else
+                                      _tiny_method(remat=remat))
       to64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
       learned, start, target = to64(state["learned"]), to64(start), to64(target)
       r = np.random.default_rng(5)
@@ -132,7 +134,7 @@ def tiny_gradients():
       value_and_grad = jax.jit(jax.value_and_grad(
           lambda l: method.loss(l, start, target, jax.random.key(3))[0]))
       out[remat] = jax.device_get(value_and_grad(learned))
-      if remat:
+      if remat is not False:
         continue
       out["checks"] = []
       for key in ("images", "targets", "raw_weights", "log_alpha"):
@@ -159,6 +161,20 @@ def test_remat_gives_the_same_loss_and_gradients(tiny_gradients):
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-12)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_unroll_as_a_loop_or_straight_line_code_gives_the_same_result(tiny_gradients):
+  (loss_a, grads_a), (loss_b, grads_b) = tiny_gradients[False], tiny_gradients["loop"]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  cfg = base_config().param_match
+  with cfg.unlocked():
+    cfg.syn_steps = 7
+  assert pm.scan_unroll(cfg, "cpu") == 7 and pm.scan_unroll(cfg, "gpu") == 1
+  with cfg.unlocked():
+    cfg.unroll = 2
+  assert pm.scan_unroll(cfg, "cpu") == 2 == pm.scan_unroll(cfg, "gpu")
 
 
 def test_alpha_stays_positive_under_a_huge_learning_rate():
@@ -354,7 +370,8 @@ def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys
                               ("granularity", "layer", "unknown param_match.granularity"),
                               ("prune_fraction", 1.0, "prune_fraction=1.0 must be in"),
                               ("init", "kmeans", "unknown param_match.init 'kmeans'"),
-                              ("syn_steps", 0, "syn_steps=0 must be at least 1")):
+                              ("syn_steps", 0, "syn_steps=0 must be at least 1"),
+                              ("unroll", -1, "unroll=-1 must be >= 0")):
     bad = base_config().param_match
     with bad.unlocked():
       bad[key] = value

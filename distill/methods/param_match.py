@@ -24,6 +24,9 @@ is also clipped to [1e-12, 1e3] so that exp never underflows to 0).
 
 The N student steps are one `jax.lax.scan`; its memory grows with N x
 syn_batch unless each step is rematerialised (`remat`, `jax.checkpoint`).
+On the CPU the scan is unrolled into straight-line code (`unroll`): XLA:CPU
+runs the convolutions of a loop body about 15x slower than the same
+convolutions outside a loop (experiments/results/benchmark_param_match_cpu.md).
 With `prune_fraction` > 0 the lowest-W fraction of parameters (whole tensors
 at "tensor" granularity) is left out of both norms; the mask is recomputed
 from the current W at every step and carries no gradient.
@@ -70,6 +73,8 @@ def check_config(cfg, buffer_epochs: int | None = None) -> None:
   for key in ("num_synthetic", "syn_steps", "expert_epochs", "max_start", "steps"):
     if cfg[key] < 1:
       raise DistillError(f"param_match.{key}={cfg[key]} must be at least 1")
+  if cfg.unroll < 0:
+    raise DistillError(f"param_match.unroll={cfg.unroll} must be >= 0 (0: automatic)")
   if cfg.alpha_init < 0:
     raise DistillError(f"param_match.alpha_init={cfg.alpha_init} must be positive (or 0: "
                        f"the experts' learning rate)")
@@ -144,7 +149,7 @@ def matching_loss(student, start, target, weights, mask=None) -> jax.Array:
 
 def unroll(step_loss, params, images: jax.Array, targets: jax.Array, alpha: jax.Array,
            rng: jax.Array, *, syn_steps: int, syn_batch: int, augment_images: bool,
-           remat: bool):
+           remat: bool, unroll: int = 1):
   """N differentiable SGD steps of the student on minibatches of the synthetic set.
 
   Minibatches walk through seeded permutations of the set, epoch after
@@ -158,6 +163,7 @@ def unroll(step_loss, params, images: jax.Array, targets: jax.Array, alpha: jax.
     syn_steps: N. syn_batch: images per step (<= 0 or >= n: all).
     augment_images: crop + flip each minibatch (differentiable in the images).
     remat: recompute each step's activations in the backward pass.
+    unroll: student steps per iteration of the compiled loop (N: none left).
 
   Returns:
     theta_{t+N}, a params pytree.
@@ -183,13 +189,21 @@ def unroll(step_loss, params, images: jax.Array, targets: jax.Array, alpha: jax.
 
   if remat:
     student_step = jax.checkpoint(student_step)
-  params, _ = jax.lax.scan(student_step, params, (batches, aug_keys))
+  params, _ = jax.lax.scan(student_step, params, (batches, aug_keys), unroll=unroll)
   return params
 
 
 def initial_soft_labels(labels: np.ndarray, num_classes: int, smoothing: float = 0.1):
   """(n,) int labels -> (n, k) smoothed one-hot rows (finite logits for "ce" targets)."""
   return (1 - smoothing) * np.eye(num_classes, dtype=np.float32)[labels] + smoothing / num_classes
+
+
+def scan_unroll(cfg, backend: str | None = None) -> int:
+  """Student steps per loop iteration: `cfg.unroll`, or for 0 all N on the
+  CPU (where loop bodies run slowly) and 1 elsewhere (compile time flat in N)."""
+  if cfg.unroll:
+    return int(cfg.unroll)
+  return int(cfg.syn_steps) if (backend or jax.default_backend()) == "cpu" else 1
 
 
 def make_optimizer(cfg, learn_weights: bool) -> optax.GradientTransformation:
@@ -228,7 +242,7 @@ class ParamMatch:
         objective, model.apply({"params": params}, x)[1], y)
     self.unroll = functools.partial(
         unroll, self.step_loss, syn_steps=cfg.syn_steps, syn_batch=cfg.syn_batch,
-        augment_images=cfg.augment, remat=cfg.remat)
+        augment_images=cfg.augment, remat=cfg.remat, unroll=scan_unroll(cfg))
     # The jitted methods take `self` as a static argument: methods with equal
     # settings are equal and share their executables.
     self._settings = (model, objective, json.dumps(cfg.to_dict(), sort_keys=True))
