@@ -16,6 +16,11 @@ fresh student pretrained with the protocol's recipe on (X_s, T(X_s)), the
 learned images re-labelled by the teacher, read out like the table's rows
 (the read-outs are information, never a choice).
 
+The same holds for any set with learned teacher-space targets and a
+random or selected real start (`extra.init_indices`): the knowledge-
+distillation parameter-matching sets (`synthetic_mtt.npz`,
+`synthetic_iadd.npz`) are measured the same way.
+
 Command (from the repository root; the set is `distill krr-st`'s export):
   python experiments/krr_st_targets.py --config experiments/configs/cifar10_effect.py \
       --workdir runs/krr_st_targets --synthetic runs/cifar10_effect/synthetic.npz \
@@ -52,8 +57,8 @@ def main(argv=None) -> int:
                                              ["linear_probe_5pct", "linear_probe"])
   s = synthetic_set.load_synthetic(args.synthetic)
   if "init_indices" not in s.extra:
-    raise SystemExit(f"{args.synthetic}: no extra.init_indices (not a KRR-ST set from a "
-                     f"random real subset)")
+    raise SystemExit(f"{args.synthetic}: no extra.init_indices (not a learned set started "
+                     f"from real source images)")
   source = artefacts.load_source(config)
   x0 = datasets.normalize(source.images[np.asarray(s.extra["init_indices"])], teacher.mean,
                           teacher.std)
