@@ -174,8 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
       prune_fraction=0.0,      # leave this fraction of lowest-W parameters out of the loss
       remat=False,             # jax.checkpoint each student step (memory for compute)
       # Student steps per iteration of the unroll's compiled loop; 0 = all N
-      # on the CPU (XLA:CPU runs a loop body's convolutions ~15x slower),
-      # 1 on accelerators (compile time independent of N).
+      # on the CPU (XLA:CPU ran a loop body's convolutions ~20x slower;
+      # straight-line code keeps every step's activations even with remat,
+      # so where memory binds use 1 with remat), 1 on accelerators (compile
+      # time independent of N).
       unroll=0,
       # Crop + flip the synthetic images in the student steps: only for
       # label targets ("ce" experts); teacher-space targets belong to the

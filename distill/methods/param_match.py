@@ -25,7 +25,7 @@ is also clipped to [1e-12, 1e3] so that exp never underflows to 0).
 The N student steps are one `jax.lax.scan`; its memory grows with N x
 syn_batch unless each step is rematerialised (`remat`, `jax.checkpoint`).
 On the CPU the scan is unrolled into straight-line code (`unroll`): XLA:CPU
-runs the convolutions of a loop body about 15x slower than the same
+runs the convolutions of a loop body about 20x slower than the same
 convolutions outside a loop (experiments/results/benchmark_param_match_cpu.md).
 With `prune_fraction` > 0 the lowest-W fraction of parameters (whole tensors
 at "tensor" granularity) is left out of both norms; the mask is recomputed
