@@ -104,6 +104,10 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   if objective != config.experts.objective:
     raise DistillError(f"the buffer in {experts.buffer_dir(workdir, objective)} holds "
                        f"{objective!r} experts, the config asks for {config.experts.objective!r}")
+  if objective == "ce" and cfg.init != "random":
+    raise DistillError(f"param_match.init={cfg.init!r} ranks images by their loss against "
+                       f"the teacher's representations; 'ce' experts start from a "
+                       f"class-balanced subset (param_match.init='random')")
   if not cfg.alpha_init:
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
@@ -125,10 +129,6 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   matched = buffer._replace(trajectories=buffer.trajectories[:num_experts - len(held)])
   init_scores = None
   if objective == "ce":
-    if cfg.init != "random":
-      raise DistillError(f"param_match.init={cfg.init!r} ranks images by their loss against "
-                         f"the teacher's representations; 'ce' experts start from a "
-                         f"class-balanced subset (param_match.init='random')")
     if source.labels is None:
       raise DistillError(f"the experts were trained with 'ce' but the source {source.name!r} "
                          f"has no labels")
