@@ -162,6 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
       steps=5000,
       lr_images=1e-2,          # Adam learning rates of each learned group
       lr_targets=1e-2,
+      # "mse" experts: the student regresses the teacher's representation of
+      # the current images, differentiated through the teacher, instead of
+      # stored targets (then lr_targets must be 0). Costs a teacher forward
+      # and backward pass over the set per outer step.
+      teacher_targets=False,
       lr_weights=1e-2,
       lr_alpha=1e-2,           # on log(alpha)
       alpha_init=0.0,          # the student's initial SGD step size (0: the experts' lr)

@@ -177,6 +177,52 @@ def test_unroll_as_a_loop_or_straight_line_code_gives_the_same_result(tiny_gradi
   assert pm.scan_unroll(cfg, "cpu") == 2 == pm.scan_unroll(cfg, "gpu")
 
 
+def test_teacher_targets_are_the_teachers_view_and_carry_its_gradient():
+  """With teacher_targets the student regresses T(X_s): the loss equals the
+  stored-target loss with targets T(X_s), and d loss / d X_s (float64, central
+  differences) includes the path through the teacher."""
+  teacher = ConvNet(width=2, depth=1, num_outputs=2)
+  with jax.enable_x64(True):
+    method, state, start, target = _tiny_method()
+    r = np.random.default_rng(7)
+    shapes = jax.eval_shape(teacher.init, jax.random.key(0), state["learned"]["images"][:1])
+    t_vars = jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), jnp.float64), shapes)
+    teacher_fn = lambda x: teacher.apply(t_vars, x)[1]
+    cfg = method.cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.update(dict(teacher_targets=True, lr_targets=0.0))
+    with_teacher = pm.ParamMatch(cfg, method.model, "mse", teacher_fn)
+    to64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
+    learned, start, target = to64(state["learned"]), to64(start), to64(target)
+    key = jax.random.key(3)
+    loss = jax.jit(lambda l: with_teacher.loss(l, start, target, key)[0])
+    stored = {**learned, "targets": teacher_fn(learned["images"])}
+    np.testing.assert_allclose(with_teacher.export_targets(learned), stored["targets"],
+                               rtol=1e-12)
+    np.testing.assert_allclose(loss(learned), method.loss(stored, start, target, key)[0],
+                               rtol=1e-10)
+    grad = jax.grad(loss)(learned)["images"]
+    direction = r.normal(size=learned["images"].shape)
+    eps = 1e-6
+    shifted = lambda e: {**learned, "images": learned["images"] + e * direction}
+    numeric = (loss(shifted(eps)) - loss(shifted(-eps))) / (2 * eps)
+    np.testing.assert_allclose(np.vdot(grad, direction), numeric, rtol=1e-6, atol=1e-10)
+    # Holding the targets at T(X_s) drops the teacher's path: another gradient.
+    held = jax.grad(lambda x: method.loss({**stored, "images": x}, start, target, key)[0])(
+        learned["images"])
+    assert np.linalg.norm(grad - held) > 1e-3 * np.linalg.norm(grad)
+  # Settings that cannot hold: learned targets, "ce" experts, no teacher.
+  learned_targets = cfg.copy_and_resolve_references()
+  with learned_targets.unlocked():
+    learned_targets.lr_targets = 1e-2
+  with pytest.raises(DistillError, match="teacher_targets=True computes the targets"):
+    pm.ParamMatch(learned_targets, method.model, "mse", teacher_fn)
+  with pytest.raises(DistillError, match=r"needs 'mse' experts .*\(the experts are 'ce'\)"):
+    pm.ParamMatch(cfg, method.model, "ce", teacher_fn)
+  with pytest.raises(DistillError, match="needs 'mse' experts and the teacher"):
+    pm.ParamMatch(cfg, method.model, "mse")
+
+
 def test_alpha_stays_positive_under_a_huge_learning_rate():
   # A student with a far too large step overshoots, so the gradient pushes
   # log(alpha) down; Adam with lr 1e4 moves it by ~1e4 per step.

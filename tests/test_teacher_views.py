@@ -181,3 +181,24 @@ def test_krr_st_and_mse_experts_use_the_cache_through_the_cli(blobs_npz, tmp_pat
   assert scores["chosen_mean"] == pytest.approx(by_hand[worst].mean(), rel=1e-4)
   assert scores["chosen_min"] >= np.sort(by_hand)[-8] * (1 - 1e-4) > 0
   assert scores["source_mean"] == pytest.approx(by_hand.mean(), rel=1e-4)
+  # Teacher targets (a variant of the parameter-matching section: its own
+  # workdir, sharing the teacher, its cache and the buffer): the set is
+  # exported with the teacher's view of its own moved images.
+  variant = tmp_path / "teacher_targets"
+  variant.mkdir()
+  for name in ("teacher", "teacher_views_v2", "experts_mse"):
+    os.symlink(tmp_path / name, variant / name)
+  teacher_match = [*smoke_args("param-match", variant, blobs_npz), *match[9:],
+                   "--set", "param_match.teacher_targets=True",
+                   "--set", "param_match.lr_targets=0.0"]
+  assert main(teacher_match) == 0
+  synthetic = synthetic_set.load_synthetic(str(variant / "synthetic_mtt.npz"))
+  teacher = barlow_twins.load_teacher(str(tmp_path / "teacher"), config.teacher.representation)
+  start = (source[synthetic.extra["init_indices"]].astype(np.float32) / 255
+           - np.asarray(meta["mean"])) / np.asarray(meta["std"])
+  assert synthetic.extra["targets"] == "teacher" and synthetic.extra["init_indices"] == worst
+  assert synthetic.extra["image_shift"]["rms"] > 0
+  np.testing.assert_allclose(synthetic.targets, teacher.features(synthetic.images),
+                             rtol=1e-4, atol=1e-5)
+  assert not np.allclose(synthetic.targets, teacher.features(start.astype(np.float32)),
+                         rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ IADD / MTT -> `<workdir>/synthetic_<name>.npz` (+ grid, weights plot, curve).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -104,6 +105,9 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   if objective != config.experts.objective:
     raise DistillError(f"the buffer in {experts.buffer_dir(workdir, objective)} holds "
                        f"{objective!r} experts, the config asks for {config.experts.objective!r}")
+  if objective == "ce" and cfg.teacher_targets:
+    raise DistillError("param_match.teacher_targets=True regresses the teacher's "
+                       "representations; the buffer holds 'ce' experts")
   if objective == "ce" and cfg.init != "random":
     raise DistillError(f"param_match.init={cfg.init!r} ranks images by their loss against "
                        f"the teacher's representations; 'ce' experts start from a "
@@ -127,7 +131,7 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   held = list(range(num_experts - min(max(cfg.held_out_experts, 0), num_experts - 1),
                     num_experts))
   matched = buffer._replace(trajectories=buffer.trajectories[:num_experts - len(held)])
-  init_scores = None
+  init_scores, teacher_fn = None, None
   if objective == "ce":
     if source.labels is None:
       raise DistillError(f"the experts were trained with 'ce' but the source {source.name!r} "
@@ -148,7 +152,17 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
     x0 = datasets.normalize(source.images[init_idx], mean, std)
     y0 = teacher.features(x0)
     teacher_name = f"barlow_twins/{teacher.model.__class__.__name__.lower()}"
-  method = param_match.ParamMatch(cfg, experts.expert_model(meta["arch"], num_outputs), objective)
+    if cfg.teacher_targets:
+      # The teacher reads the synthetic images as they are: they must be
+      # normalised as the teacher's inputs were.
+      if not (np.allclose(mean, teacher.mean) and np.allclose(std, teacher.std)):
+        raise DistillError(f"param_match.teacher_targets=True: the experts' input "
+                           f"normalisation (mean {mean.tolist()}, std {std.tolist()}) is "
+                           f"not the teacher's ({teacher.mean.tolist()}, "
+                           f"{teacher.std.tolist()})")
+      teacher_fn = functools.partial(teacher.represent, teacher.variables)
+  method = param_match.ParamMatch(cfg, experts.expert_model(meta["arch"], num_outputs), objective,
+                                  teacher_fn)
   state = method.init(jax.random.key(config.seed), x0, y0)
   initial = jax.device_get(state["learned"])
   log(f"[param_match] {name}: n={n} synthetic images, {len(matched.trajectories)} experts "
@@ -176,7 +190,8 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
         f"learned {held_out['learned']['loss_plain']:.4f}, initial images "
         f"{held_out['initial']['loss_plain']:.4f}")
   synthetic = synthetic_set.SyntheticSet(
-      images=np.asarray(learned["images"]), targets=np.asarray(method.targets(learned)),
+      images=np.asarray(learned["images"]),
+      targets=np.asarray(method.export_targets(learned), np.float32),
       labels=labels, method=name, source=source.name, teacher=teacher_name,
       image_mean=mean, image_std=std, config=to_dict(config), step=cfg.steps,
       extra=dict(alpha=float(np.exp(learned["log_alpha"])), objective=objective,
@@ -188,7 +203,9 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
                  expert_seconds=float(meta.get("buffer_seconds") or 0.0),
                  final_loss=history[-1]["loss"] if history else None,
                  held_out=held_out, image_shift=synthetic_set.image_shift(learned["images"], x0),
-                 init=cfg.init, init_indices=init_idx.tolist(), init_scores=init_scores))
+                 init=cfg.init, init_indices=init_idx.tolist(), init_scores=init_scores,
+                 targets="teacher" if cfg.teacher_targets else (
+                     "learned" if cfg.lr_targets else "fixed")))
   save_set(out_path, synthetic, workdir, job, history, "matching loss")
   param_match.save_weight_plot(os.path.join(workdir, f"param_match_{name}_weights.png"),
                                weights, f"{name}: importance weights per tensor "
