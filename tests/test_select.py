@@ -35,6 +35,30 @@ def test_kmeans_coreset_is_distinct_and_covers_every_cluster():
   assert len(set(many.tolist())) == 30 and np.all(np.diff(many) > 0)
 
 
+def test_lloyd_step_and_coreset_match_their_direct_definitions():
+  # One Lloyd step against the definition (nearest centroid by explicit
+  # differences, then per-cluster means; an empty cluster keeps its centre),
+  # and the coreset against a brute-force nearest-unused-sample search.
+  r = np.random.default_rng(0)
+  x = r.normal(size=(300, 8)).astype(np.float32)
+  init = np.concatenate([x[:5], np.full((1, 8), 50.0, np.float32)])  # the last one stays empty
+  centroids, assignment, _ = coresets._lloyd(x, init, iters=1)
+  nearest = np.argmin(((x[:, None] - init[None]) ** 2).sum(-1), 1)
+  expected = np.stack([x[nearest == c].mean(0) if np.any(nearest == c) else init[c]
+                       for c in range(len(init))])
+  np.testing.assert_allclose(np.asarray(centroids), expected, rtol=1e-5, atol=1e-5)
+  assert np.asarray(assignment).shape == (300,)
+
+  idx = coresets.kmeans_coreset(x, 40, seed=2)
+  cents, _ = coresets.kmeans(x, 40, seed=2)
+  chosen, brute = set(), []
+  for c in cents:
+    j = next(int(j) for j in np.argsort(((x - c) ** 2).sum(-1)) if int(j) not in chosen)
+    chosen.add(j)
+    brute.append(j)
+  np.testing.assert_array_equal(idx, np.sort(brute))
+
+
 def test_class_balanced_and_random_subsets():
   labels = np.r_[np.zeros(50), np.ones(5), np.full(100, 2)].astype(int)
   idx = coresets.class_balanced_subset(labels, 30, seed=0)

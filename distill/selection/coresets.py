@@ -68,9 +68,12 @@ def _lloyd(features, centroids, iters: int):
 
   def update(c, _):
     assignment, _ = assign(c)
-    one_hot = jax.nn.one_hot(assignment, c.shape[0], dtype=features.dtype)
-    counts = one_hot.sum(0)
-    means = (one_hot.T @ features) / jnp.maximum(counts, 1)[:, None]
+    # Sums per cluster by segment, not a one-hot (N, k) product: N p adds
+    # instead of N k p multiply-adds.
+    k = c.shape[0]
+    counts = jax.ops.segment_sum(jnp.ones_like(sq_norms), assignment, num_segments=k)
+    sums = jax.ops.segment_sum(features, assignment, num_segments=k)
+    means = sums / jnp.maximum(counts, 1)[:, None]
     # An empty cluster keeps its centroid rather than collapsing to the origin.
     return jnp.where(counts[:, None] > 0, means, c), None
 
@@ -79,16 +82,29 @@ def _lloyd(features, centroids, iters: int):
   return centroids, assignment, jnp.sum(jnp.maximum(dist, 0.0))
 
 
+def _sq_dists_to(features: np.ndarray, sq_norms: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """(N,) squared distances of the rows of `features` (N, p) to `x` (p,).
+
+  |f|^2 - 2 f.x + |x|^2 is one matrix-vector product; `features - x` would
+  allocate an (N, p) temporary per call, which at 50k x 1,024 made seeding
+  k = 1,000 centres take minutes.
+  """
+  return np.maximum(sq_norms - 2.0 * (features @ x) + x @ x, 0.0)
+
+
 def _kmeans_plus_plus(features: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
   """k-means++ seeding: each new centre drawn with probability ∝ squared distance."""
+  sq_norms = np.einsum("ij,ij->i", features, features)
   first = rng.integers(len(features))
   centres = [features[first]]
-  d2 = np.sum((features - centres[0]) ** 2, -1)
+  d2 = _sq_dists_to(features, sq_norms, centres[0])
+  d2[first] = 0.0  # exactly, whatever the rounding of the expansion
   for _ in range(1, k):
     total = d2.sum()
     i = rng.choice(len(features), p=d2 / total) if total > 0 else rng.integers(len(features))
     centres.append(features[i])
-    d2 = np.minimum(d2, np.sum((features - features[i]) ** 2, -1))
+    d2 = np.minimum(d2, _sq_dists_to(features, sq_norms, features[i]))
+    d2[i] = 0.0
   return np.stack(centres)
 
 
@@ -122,11 +138,17 @@ def kmeans_coreset(features: np.ndarray, n: int, seed: int, iters: int = 50) -> 
   """
   centroids, _ = kmeans(features, n, seed, iters)
   features = np.asarray(features, np.float32)
-  chosen: set[int] = set()
+  sq_norms = np.einsum("ij,ij->i", features, features)
+  chosen = np.zeros(len(features), bool)
   out = []
-  for c in centroids:
-    order = np.argsort(np.sum((features - c) ** 2, -1))
-    i = next(int(j) for j in order if int(j) not in chosen)
-    chosen.add(i)
-    out.append(i)
+  for start in range(0, len(centroids), 256):
+    # Distances of a block of centroids to every sample by one matrix product.
+    block = centroids[start:start + 256]
+    dists = sq_norms[None] - 2.0 * (block @ features.T) + np.sum(block ** 2, -1)[:, None]
+    for row in dists:
+      i = int(np.argmin(row))
+      if chosen[i]:
+        i = next(int(j) for j in np.argsort(row) if not chosen[j])
+      chosen[i] = True
+      out.append(i)
   return np.sort(np.asarray(out, np.int64))
