@@ -56,8 +56,9 @@ stage krr-st 200 "${DISTILL[@]}" krr-st --config "$CONFIG" --workdir "$WORK"
 ROWS=$("$PY" - "$CONFIG" "$WORK" <<'EOF'
 import os, sys
 from distill.config import load_config
+from distill.stages.artefacts import SYNTHETIC
 rows = load_config(sys.argv[1]).eval.rows
-missing = {"mtt": "synthetic_mtt.npz", "krr_st": "synthetic.npz"}
+missing = {"mtt": "synthetic_mtt.npz", "krr_st": SYNTHETIC}
 print(",".join(f'"{r}"' for r in rows
                if r not in missing or os.path.exists(os.path.join(sys.argv[2], missing[r]))))
 EOF
@@ -71,8 +72,9 @@ stage table $((BUDGET - 60)) "${DISTILL[@]}" table --config "$CONFIG" --workdir 
 # beside the row's (the table's mtt uses the teacher's view of the current images).
 FIXED="${WORK}_fixed_targets"
 mkdir -p "$FIXED"
-for d in teacher teacher_views_v4 experts_mse; do
-  [[ -e "$WORK/$d" && ! -e "$FIXED/$d" ]] && ln -s "$(cd "$WORK" && pwd)/$d" "$FIXED/$d"
+for src in "$WORK"/teacher "$WORK"/teacher_views_v* "$WORK"/experts_mse; do
+  d=$(basename "$src")
+  [[ -e "$src" && ! -e "$FIXED/$d" ]] && ln -s "$(cd "$WORK" && pwd)/$d" "$FIXED/$d"
 done
 stage param-match-fixed-targets 150 "${DISTILL[@]}" param-match --config "$CONFIG" \
     --workdir "$FIXED" --set param_match.teacher_targets=False
@@ -80,8 +82,9 @@ stage param-match-fixed-targets 150 "${DISTILL[@]}" param-match --config "$CONFI
 "$PY" - "$WORK" "$FIXED" <<'EOF'
 import os, sys
 from distill.data import synthetic_set
+from distill.stages.artefacts import SYNTHETIC
 for workdir in sys.argv[1:]:
-  for name in ("synthetic_mtt.npz", "synthetic.npz"):
+  for name in ("synthetic_mtt.npz", SYNTHETIC):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
       s = synthetic_set.load_synthetic(path)
