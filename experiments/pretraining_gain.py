@@ -85,8 +85,9 @@ def main(argv=None) -> int:
   p = config.probe
 
   def read_out(model, variables) -> dict:
-    f_train = extract_features(model, variables, target[0])
-    f_test = extract_features(model, variables, target[2])
+    # The probe reads the view the config names, as the table does.
+    f_train = extract_features(model, variables, target[0], kind=p.representation)
+    f_test = extract_features(model, variables, target[2], kind=p.representation)
     return {r: transfer.probe_readout(r, f_train, target[1], f_test, target[3],
                                       regs=tuple(p.regs), folds=p.folds,
                                       label_draws=p.label_draws, seed=args.seed)["accuracy"]

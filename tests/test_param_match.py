@@ -399,6 +399,25 @@ def test_param_match_stage_writes_the_synthetic_set(expert_run, blobs_npz, tmp_p
   assert again.extra["alpha"] == s.extra["alpha"]
 
 
+def test_table_row_reuses_a_set_without_its_expert_buffer(blobs_npz, tmp_path, monkeypatch):
+  """A set made before is the row's set: its experts are not retrained to find it."""
+  from distill.stages import sets
+  calls = []
+  monkeypatch.setattr(sets, "run_experts", lambda cfg, workdir: calls.append(workdir))
+  monkeypatch.setattr(sets, "run_param_match", lambda cfg, workdir: "the set")
+  cfg = _smoke(blobs_npz)
+  n = cfg.param_match.num_synthetic
+  assert sets.param_match_set("mtt", cfg, str(tmp_path), n, 0, None, None) == "the set"
+  assert calls == [str(tmp_path)]  # no set yet: the buffer comes first
+  made = synthetic_set.SyntheticSet(
+      images=np.zeros((n, 16, 16, 3), np.float32), targets=np.zeros((n, 4), np.float32),
+      labels=None, method="mtt", source="blobs", teacher="t", image_mean=np.zeros(3, np.float32),
+      image_std=np.ones(3, np.float32), config={}, step=1)
+  synthetic_set.save_synthetic(str(tmp_path / "synthetic_mtt.npz"), made)
+  assert sets.param_match_set("mtt", cfg, str(tmp_path), n, 0, None, None) == "the set"
+  assert calls == [str(tmp_path)]  # the set exists: no experts trained again
+
+
 def test_bad_settings_raise_clear_errors(expert_run, blobs_npz, tmp_path, capsys):
   cfg = base_config().param_match
   with pytest.raises(DistillError, match="needs a positive param_match.alpha_init"):

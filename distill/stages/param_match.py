@@ -85,6 +85,12 @@ def high_loss_subset(config, workdir: str, source, teacher, buffer: experts.Expe
   return idx, summary
 
 
+def set_path(config, workdir: str) -> str:
+  """Where `run_param_match` writes, and finds, the set of `config`."""
+  name = param_match.set_name(config.param_match.method, config.experts.objective)
+  return os.path.join(workdir, f"synthetic_{name}.npz")
+
+
 def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   """Distils the source by parameter matching into `<workdir>/synthetic_<name>.npz`.
 
@@ -94,7 +100,7 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
   cfg = config.param_match
   param_match.check_config(cfg)
   name = param_match.set_name(cfg.method, config.experts.objective)
-  out_path = os.path.join(workdir, f"synthetic_{name}.npz")
+  out_path = set_path(config, workdir)
   if os.path.exists(out_path):
     found("param_match", out_path)
     return synthetic_set.load_synthetic(out_path)

@@ -39,7 +39,7 @@ from distill.nn.loop import batch_indices, log, run_loop
 from distill.selection import coresets
 from distill.stages.artefacts import save_set, source_features
 from distill.stages.krr_st import run_krr_st
-from distill.stages.param_match import run_experts, run_param_match
+from distill.stages.param_match import run_experts, run_param_match, set_path as param_match_set_path
 
 
 def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
@@ -141,7 +141,8 @@ def param_match_set(row: str, config, workdir: str, n: int, seed: int, source, t
   with cfg.unlocked():
     cfg.param_match.method = method
     cfg.experts.objective = objective or "mse"
-  run_experts(cfg, workdir)
+  if not os.path.exists(param_match_set_path(cfg, workdir)):
+    run_experts(cfg, workdir)  # a set made before needs no buffer (it may be gone)
   return run_param_match(cfg, workdir)
 
 

@@ -30,9 +30,10 @@ What the GPU buys:
     representations of the exported images);
   * 3 seeds of every row.
 Recorded: experiments/results/cifar10_effect_gpu.md (machine, versions, the
-held-out objectives of both distillations, the table). Expected (seed 0 on
-an H200, 557 s): CIFAR-10 probe with 5% of the labels none 44.56, random
-56.68, krr_st 54.47, mtt 53.60, full 57.57, teacher 59.72.
+held-out objectives of both distillations, the table). Expected (3 seeds on
+an H200; the stages and seed 0 in 557 s): CIFAR-10 probe with 5% of the
+labels none 44.66, random 56.31, kmeans 55.55, krr_st 54.26, mtt 53.67, full
+57.26, teacher 59.72 (std over seeds at most 0.4).
 
 Variant `smoke`: the same stages at toy size (2,000 source images, n = 20,
 a few steps of everything) for checking the script on a CPU in minutes.
