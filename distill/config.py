@@ -197,8 +197,13 @@ def base_config() -> ml_collections.ConfigDict:
   # (the recipe of each row is in distill/stages/sets.py). The official recipe:
   # SGD lr 0.1 constant, momentum 0.9, wd 1e-3, batch 256, 1000 epochs, no
   # augmentation.
+  pretrain_arch = _arch("convnet", width=128, depth=3)
+  # What the student's head reads: "features" (a ConvNet's flattened map) or
+  # "gap" (its spatial mean); set it to the view the probe reads
+  # (`probe.representation`), so the student is trained through what is read.
+  pretrain_arch.head_input = "features"
   c.pretrain = ml_collections.ConfigDict(dict(
-      arch=_arch("convnet", width=128, depth=3),
+      arch=pretrain_arch,
       epochs=1000,
       batch_size=256,
       lr=0.1,

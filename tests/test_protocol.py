@@ -11,6 +11,7 @@ from distill.config import base_config
 from distill.data import augment
 from distill.errors import DistillError
 from distill.eval import transfer
+from distill.eval.table import arch_of, parse_arch
 from distill.nn.models import apply_model, build_model, extract_features, init_model
 
 SHAPE = (16, 16, 3)
@@ -216,3 +217,23 @@ def test_gap_features_average_the_convnet_map_and_leave_a_resnet_as_is():
                                 extract_features(resnet, resnet_vars, images))
   with pytest.raises(DistillError, match="unknown feature kind 'pool'"):
     extract_features(model, variables, images, kind="pool")
+
+
+def test_a_gap_head_reads_the_mean_of_the_convnet_map_and_round_trips():
+  images = np.random.default_rng(2).normal(size=(5,) + SHAPE).astype(np.float32)
+  model = build_model({**ARCH, "head_input": "gap"}, num_outputs=3)
+  variables = init_model(model, jax.random.key(0), SHAPE)
+  features, outputs = model.apply(variables, jnp.asarray(images))
+  head = variables["params"]["head"]
+  assert head["kernel"].shape == (16, 3)  # 16 channels, not the 2*2*16 flattened map
+  mean = np.asarray(features).reshape(5, 4, 16).mean(1)
+  np.testing.assert_allclose(outputs, mean @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
+  # The flattened head (the default) reads all 64 numbers.
+  flat = build_model(ARCH, num_outputs=3)
+  assert init_model(flat, jax.random.key(0), SHAPE)["params"]["head"]["kernel"].shape == (64, 3)
+  # arch_of rebuilds the same network (fine-tuning and other columns use it).
+  assert build_model(arch_of(model), num_outputs=3) == model
+  assert parse_arch("convnet:8", ml_collections.ConfigDict(
+      {**ARCH, "head_input": "gap"}))[1]["head_input"] == "gap"
+  with pytest.raises(DistillError, match="head_input 'pool'"):
+    build_model({**ARCH, "head_input": "pool"}, num_outputs=3)

@@ -50,6 +50,8 @@ def parse_arch(spec: str, base: ml_collections.ConfigDict) -> tuple[str, dict]:
   arch = dict(name=name, width=width, depth=base.depth if name == "convnet" else 0,
               norm=base.norm if same else "default",
               widths=tuple(base.get("widths", ())) if keep_widths else ())
+  if name == "convnet":
+    arch["head_input"] = base.get("head_input", "features")
   return arch_label(arch), arch
 
 
@@ -75,8 +77,11 @@ def arch_of(model) -> dict:
     name = "convnet"
   else:
     name = "resnet10" if tuple(model.stage_sizes) == (1, 1, 1, 1) else "resnet18"
-  return dict(name=name, width=model.width, depth=getattr(model, "depth", 0), norm=model.norm,
+  arch = dict(name=name, width=model.width, depth=getattr(model, "depth", 0), norm=model.norm,
               widths=tuple(getattr(model, "widths", ())))
+  if name == "convnet":
+    arch["head_input"] = model.head_input
+  return arch
 
 
 def run_key(r: dict) -> tuple:

@@ -65,6 +65,11 @@ class ConvNet(nn.Module):
   # Last, so positional construction is unchanged; the layers keep their
   # auto-names (Conv_0, ...), so existing checkpoints still load.
   widths: tuple = ()
+  # What the head reads (FEATURE_KINDS): the flattened map, or its spatial
+  # mean. A student whose probe reads "gap" must be trained through "gap":
+  # a head on the flattened map can fit the targets with spatial detail that
+  # the mean discards.
+  head_input: str = "features"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
@@ -76,7 +81,8 @@ class ConvNet(nn.Module):
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     features = x.reshape((x.shape[0], -1))
-    outputs = nn.Dense(self.num_outputs, name="head")(features) if self.num_outputs else None
+    head_in = x.mean((1, 2)) if self.head_input == "gap" else features
+    outputs = nn.Dense(self.num_outputs, name="head")(head_in) if self.num_outputs else None
     return features, outputs
 
 
@@ -218,9 +224,14 @@ def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) ->
       replaces `width` and `depth`). A `norm` of "default" picks instance for
       the ConvNet, batch for ResNets.
     num_outputs: width of the linear head; 0 for features only.
+      `head_input` (optional, FEATURE_KINDS, default "features") says what a
+      ConvNet's head reads; a ResNet's features are pooled already.
   """
   name = arch["name"]
   norm = arch.get("norm", "default")
+  head_input = arch.get("head_input", "features")
+  if head_input not in FEATURE_KINDS:
+    raise DistillError(f"arch head_input {head_input!r}: expected one of {FEATURE_KINDS}")
   if name == "convnet":
     # A tuple of ints, and width/depth made to agree with it: flax modules
     # hash by their fields (jit caches key on them), so one net is one module.
@@ -229,7 +240,7 @@ def build_model(arch: ml_collections.ConfigDict | dict, num_outputs: int = 0) ->
                                                              arch.get("depth", 3))
     return ConvNet(width=width, depth=depth,
                    norm="instance" if norm == "default" else norm,
-                   num_outputs=num_outputs, widths=widths)
+                   num_outputs=num_outputs, widths=widths, head_input=head_input)
   if name in ("resnet10", "resnet18"):
     stages = (1, 1, 1, 1) if name == "resnet10" else (2, 2, 2, 2)
     return ResNet(stage_sizes=stages, width=arch["width"],

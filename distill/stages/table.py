@@ -53,6 +53,12 @@ def plan(config) -> list[table.Job]:
     raise DistillError(f"unknown probe.representation {config.probe.representation!r}; "
                        f"expected one of {FEATURE_KINDS}")
   base = config.pretrain.arch
+  head_input = base.get("head_input", "features")
+  if base.name == "convnet" and head_input != config.probe.representation:
+    # Allowed (an ablation), but the student is then trained through one view
+    # and read through another (experiments/results/fashion_mnist_pretraining_gain.md).
+    log(f"[table] note: students' heads read {head_input!r}, the probe reads "
+        f"{config.probe.representation!r}; set pretrain.arch.head_input to match")
   archs = [(table.arch_label(base), dict(base))] + [table.parse_arch(s, base) for s in ev.archs]
   specs = [main_target(config)] + list(ev.extra_targets)
   targets = [(table.target_label(parse_target(s)[0]), s) for s in specs]
