@@ -13,8 +13,16 @@ Command (from the repository root; the teacher of the table's workdir):
   python experiments/full_regression.py --config experiments/configs/cifar10_table.py \
       --workdir runs/c10t30 --recipes noaug --epochs 30 --out runs/full_regression.jsonl
 
-Recipes (each a set of `pretrain` overrides; see RECIPES below).
-Recorded result: experiments/results/full_regression.md.
+When the source is a whole split, hold some of it out (e.g. the effect
+table's all-50k source with --set data.num_source=48000):
+  python experiments/full_regression.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/full_effect --recipes noaug --epochs 10 20 \
+      --readouts linear_probe_5pct linear_probe --set data.num_source=48000 \
+      --out runs/full_effect/full_regression.jsonl
+
+Recipes (each a set of `pretrain` overrides; see RECIPES below). Each line's
+`probe` is {read-out: top-1}, the backbone read through `probe.representation`.
+Recorded results: experiments/results/full_regression.md, full_regression_effect.md.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ def main(argv=None) -> int:
                       help="source-split images outside the source subset, for the error")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--readouts", nargs="+", default=["linear_probe"],
+                      help="probe read-outs (information only), e.g. linear_probe_5pct")
   parser.add_argument("--out", default="", help="append result lines (JSON) to this file")
   args = parser.parse_args(argv)
 
@@ -67,6 +77,11 @@ def main(argv=None) -> int:
   in_source = {x.tobytes() for x in source.images}
   outside = [i for i in range(len(everything.images))
              if everything.images[i].tobytes() not in in_source][:args.held_out]
+  if not outside:
+    raise SystemExit(f"the source holds all {len(everything.images)} images of "
+                     f"{config.data.source}:{config.data.source_split}, so none are held out "
+                     f"for the error; lower data.num_source (e.g. --set data.num_source="
+                     f"{len(everything.images) - args.held_out})")
   x_held = datasets.normalize(everything.images[outside], teacher.mean, teacher.std)
   y_held = teacher.features(x_held)
   x_src = datasets.normalize(source.images, teacher.mean, teacher.std)
@@ -74,10 +89,12 @@ def main(argv=None) -> int:
   target = artefacts.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
   teacher_fn = jax.jit(lambda x: teacher.represent(teacher.variables, x))
 
-  def probe(model, variables):
-    f = lambda x: extract_features(model, variables, x)
-    return transfer.linear_probe(f(target[0]), target[1], f(target[2]), target[3],
-                                 regs=tuple(config.probe.regs), folds=config.probe.folds)
+  def probe(model, variables) -> dict:
+    # {read-out: top-1}, through the view the probe config names, as the table reads.
+    kind = config.probe.representation
+    f = lambda x: extract_features(model, variables, x, kind=kind)
+    return transfer.probe_accuracies(args.readouts, f(target[0]), target[1], f(target[2]),
+                                     target[3], config.probe, args.seed)
 
   none_model, none_vars = transfer.fresh_backbone(config.pretrain, source.images.shape[1:],
                                                   args.seed)

@@ -88,10 +88,8 @@ def main(argv=None) -> int:
     # The probe reads the view the config names, as the table does.
     f_train = extract_features(model, variables, target[0], kind=p.representation)
     f_test = extract_features(model, variables, target[2], kind=p.representation)
-    return {r: transfer.probe_readout(r, f_train, target[1], f_test, target[3],
-                                      regs=tuple(p.regs), folds=p.folds,
-                                      label_draws=p.label_draws, seed=args.seed)["accuracy"]
-            for r in args.readouts}
+    return transfer.probe_accuracies(args.readouts, f_train, target[1], f_test, target[3], p,
+                                     args.seed)
 
   lines = []
   if os.path.exists(args.out + ".jsonl"):

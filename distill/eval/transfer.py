@@ -304,6 +304,22 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
   return np.sort(np.concatenate(keep))
 
 
+def probe_accuracies(readouts, train_features: np.ndarray, train_labels: np.ndarray,
+                     test_features: np.ndarray, test_labels: np.ndarray,
+                     probe_cfg: ml_collections.ConfigDict, seed: int) -> dict:
+  """{read-out: top-1} of several `probe_readout`s on one backbone's frozen features.
+
+  Args:
+    readouts: names from PROBE_FRACTIONS.
+    train_features, test_features: (N, p), (M, p). train_labels, test_labels: (N,), (M,).
+    probe_cfg: the `probe` config section (regs, folds, label_draws).
+  """
+  return {r: probe_readout(r, train_features, train_labels, test_features, test_labels,
+                           regs=tuple(probe_cfg.regs), folds=probe_cfg.folds,
+                           label_draws=probe_cfg.label_draws, seed=seed)["accuracy"]
+          for r in readouts}
+
+
 def probe_readout(readout: str, train_features: np.ndarray, train_labels: np.ndarray,
                   test_features: np.ndarray, test_labels: np.ndarray, *, regs, folds: int,
                   label_draws: int, seed: int) -> dict:
