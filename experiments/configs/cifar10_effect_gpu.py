@@ -55,6 +55,10 @@ def get_config(variant: str = ""):
   c.eval.readouts = ("linear_probe_5pct", "linear_probe", "linear_probe_1pct",
                      "mkdt_probe_5pct")
   c.eval.extra_targets = c.eval.extra_targets[:1]  # Imagenette-32
+  # The recorded table's `full` regressed 10 epochs (1,960 steps); the CPU
+  # config's 20, chosen later by held-out error, reads 0.7 points higher
+  # (full_regression_effect.md). Kept at 10 so this command gives the record.
+  c.eval.full_epochs = 10
 
   # KRR-ST: the paper's settings (base_config's defaults) at n = 1,000.
   c.krr_st = base_config().krr_st
