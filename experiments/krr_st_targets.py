@@ -79,10 +79,8 @@ def main(argv=None) -> int:
     p = config.probe
     f_train = extract_features(model, variables, target[0], kind=p.representation)
     f_test = extract_features(model, variables, target[2], kind=p.representation)
-    out["relabelled_student"] = {
-        r: transfer.probe_readout(r, f_train, target[1], f_test, target[3], regs=tuple(p.regs),
-                                  folds=p.folds, label_draws=p.label_draws,
-                                  seed=args.seed)["accuracy"] for r in args.readouts}
+    out["relabelled_student"] = transfer.probe_accuracies(args.readouts, f_train, target[1],
+                                                          f_test, target[3], p, args.seed)
     out["relabelled_student_seconds"] = time.perf_counter() - t0
   out.update(command=" ".join(["python", "experiments/krr_st_targets.py"] + sys.argv[1:]),
              machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}")

@@ -46,9 +46,8 @@ def main(argv=None) -> int:
     for name, (model, variables) in backbones.items():
       f_train = extract_features(model, variables, x_train, kind=kind)
       f_test = extract_features(model, variables, x_test, kind=kind)
-      accs = {r: transfer.probe_readout(r, f_train, y_train, f_test, y_test, regs=tuple(p.regs),
-                                        folds=p.folds, label_draws=p.label_draws,
-                                        seed=args.seed)["accuracy"] for r in args.readouts}
+      accs = transfer.probe_accuracies(args.readouts, f_train, y_train, f_test, y_test, p,
+                                       args.seed)
       out["views"].setdefault(kind, {})[name] = accs
       print(f"{kind:8s} {name:11s} " + "  ".join(f"{r} {100 * a:.2f}"
                                                  for r, a in accs.items()), flush=True)
