@@ -214,3 +214,22 @@ def test_size_sweep_plan_and_plot(tmp_path):
   table_stage.write_outputs({"runs": runs}, config, str(tmp_path))
   assert (tmp_path / "r_size_sweep.png").stat().st_size > 0
   assert "| krr_st | 24 | 74.00 ± 0.00 |" in (tmp_path / "r.md").read_text()
+
+
+def test_published_markdown_keeps_the_text_above_its_marker(tmp_path):
+  config = load_config(SMOKE, ["eval.rows=('none','random')", f"eval.results_path={tmp_path / 'r'}"])
+  run = dict(row="random", arch="convnet-w8", target="t", readout="linear_probe", n=12, seed=0,
+             accuracy=0.5, set_seconds=0.0, pretrain_seconds=0.0, readout_seconds=0.0)
+  table_stage.write_outputs({"runs": [run]}, config, str(tmp_path / "w"))
+  published = tmp_path / "r.md"
+  first = published.read_text()
+  assert first.startswith(table_stage.MARKDOWN_MARKER)
+  published.write_text("# Hand-written\n\nCommands and a reading.\n\n" + first)
+  table_stage.write_outputs({"runs": [dict(run, seed=1, accuracy=0.7)]}, config,
+                            str(tmp_path / "w"))
+  second = published.read_text()
+  assert second.startswith("# Hand-written\n\nCommands and a reading.\n\n"
+                           + table_stage.MARKDOWN_MARKER)
+  assert second.count(table_stage.MARKDOWN_MARKER) == 1
+  assert "| random | 60.00 ± 14.14 (2) |" in second  # both seeds: the table itself was rewritten
+  assert (tmp_path / "w" / "table.md").read_text().startswith("Source")

@@ -11,6 +11,8 @@ Every measurement is appended to `<workdir>/table.json` as soon as it exists,
 so a killed run resumes where it stopped (pretraining and fine-tuning also
 checkpoint). Outputs: `table.json`, `table.csv`, `table.md`, `table.png`,
 and `size_sweep.png` when there is a sweep; copies at `eval.results_path`.
+The published markdown starts with `MARKDOWN_MARKER`: text written above that
+line (the commands, the setting, a reading of the table) survives a rerun.
 """
 
 from __future__ import annotations
@@ -227,6 +229,25 @@ def _readout(readout, config, model, variables, target, seed, workdir, name,
                            seed, os.path.join(workdir, "table"), f"finetune_{name}")
 
 
+# The first line of the published table.md; a rerun keeps whatever is above it.
+MARKDOWN_MARKER = "<!-- Written by `distill table` from this line down; text above it is kept. -->"
+
+
+def _with_kept_preface(path: str, markdown: str) -> str:
+  """`markdown` under the marker, after the text above the marker in `path`.
+
+  A file without the marker (or none at all) contributes nothing: it is
+  replaced, as it was written before the marker existed.
+  """
+  preface = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if MARKDOWN_MARKER in old:
+      preface = old[:old.index(MARKDOWN_MARKER)]
+  return preface + MARKDOWN_MARKER + "\n\n" + markdown
+
+
 def write_outputs(results: dict, config, workdir: str) -> dict:
   """Merges `results` into `<workdir>/table.json` and writes every output of it.
 
@@ -252,8 +273,8 @@ def write_outputs(results: dict, config, workdir: str) -> dict:
   log(markdown)
   if config.eval.results_path:
     prefix = config.eval.results_path
-    published = {suffix: os.path.join(workdir, "table" + suffix)
-                 for suffix in (".json", ".csv", ".md")}
+    files.write_atomic(prefix + ".md", _with_kept_preface(prefix + ".md", markdown))
+    published = {suffix: os.path.join(workdir, "table" + suffix) for suffix in (".json", ".csv")}
     published.update({"_size_sweep.png": png, ".png": dots})
     for suffix, written in published.items():
       if written:
