@@ -82,13 +82,12 @@ def decoding_error(f_fit: np.ndarray, y_fit: np.ndarray, f_test: np.ndarray,
               reg=REGS[best])
 
 
-def recorded_accuracy(workdir: str, row: str, n: int, arch: str, seed: int, target: str):
-  """The table's 5%-label probe top-1 of this student on `target`, or None."""
-  for r in files.read_json(os.path.join(workdir, "table.json"), {"runs": []})["runs"]:
-    if (r["row"], r["n"], r["arch"], r["seed"], r["target"], r["readout"]) == (
-        row, n, arch, seed, target, "linear_probe_5pct"):
-      return r["accuracy"]
-  return None
+def recorded_accuracies(workdir: str, n: int, arch: str, target: str) -> dict:
+  """{(row, seed): the table's 5%-label probe top-1 on `target`} of its recorded runs."""
+  return {(r["row"], r["seed"]): r["accuracy"]
+          for r in files.read_json(os.path.join(workdir, "table.json"), {"runs": []})["runs"]
+          if (r["n"], r["arch"], r["target"], r["readout"]) == (n, arch, target,
+                                                                 "linear_probe_5pct")}
 
 
 def main(argv=None) -> int:
@@ -139,11 +138,12 @@ def main(argv=None) -> int:
     return decoding_error(f[:args.decode_fit], standardize_teacher(y_all[:args.decode_fit]),
                           f[args.decode_fit:], standardize_teacher(y_held))
 
+  recorded = recorded_accuracies(args.workdir, n, arch, target_lbl)
   runs = []
   for seed in args.seeds:
     model, variables = transfer.fresh_backbone(pre, source.images.shape[1:], seed)
     run = dict(row="none", seed=seed, decoding=decode(model, variables),
-               probe_5pct=recorded_accuracy(args.workdir, "none", n, arch, seed, target_lbl))
+               probe_5pct=recorded.get(("none", seed)))
     runs.append(run)
     print(json.dumps(run), flush=True)
   for (row, seed), s in built.items():
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     truth = transfer.target_standardizer(s.targets)(y_held) if pre.standardize_targets else y_held
     run = dict(row=row, seed=seed, held_out_rel_error=transfer.relative_error(outputs, truth),
                decoding=decode(model, variables),
-               probe_5pct=recorded_accuracy(args.workdir, row, n, arch, seed, target_lbl),
+               probe_5pct=recorded.get((row, seed)),
                seconds=time.perf_counter() - t0)
     runs.append(run)
     print(json.dumps(run), flush=True)
