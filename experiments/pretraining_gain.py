@@ -3,11 +3,12 @@ r"""Where a teacher's gain is lost on its way to a student pretrained on a set.
 A strong teacher is worth nothing to the table if a fresh network regressing
 its representations on a small set does not inherit it. This script follows
 the `random` row (n random real source images, the teacher's representations
-as targets) at several n, pretraining fresh students with the protocol's
-recipe (`pretrain` section: MSE, no augmentation, constant learning rate),
-and records at several lengths of the same run (a constant learning rate
-makes a longer run the continuation of a shorter one, so each (n, lr) is one
-resumed run):
+as targets) at several n, and any saved set (`--sets`, e.g. a KRR-ST or
+parameter-matching `synthetic*.npz` with its stored targets), pretraining
+fresh students with the protocol's recipe (`pretrain` section: MSE, no
+augmentation, constant learning rate), and records at several lengths of the
+same run (a constant learning rate makes a longer run the continuation of a
+shorter one, so each (set, n, lr) is one resumed run):
 
 * the regression's own label-free objective: the relative squared error of
   the head's prediction of the teacher's representation on source images
@@ -19,11 +20,21 @@ resumed run):
 References: `none` (the student at initialisation) and the teacher, read out
 the same way.
 
+Lengths matter to the comparison of sets: trajectory matching (MTT, MKDT)
+learns a set for a short student run at a learned step size (MKDT reads its
+sets out after 20 epochs at that step size), where the table pretrains for
+`pretrain.epochs`. `--set_lr` adds, for each parameter-matching set, a run at
+its learned step size (`extra.alpha`), so both protocols are read from one
+run per set.
+
 Command (from the repository root; the teacher is the workdir's, or the
 config's `teacher.checkpoint`):
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
       --workdir runs/gain --sizes 100 1000 10000 --steps 0 100 300 1000 3000 \
       --out experiments/results/pretraining_gain
+  python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/effect_n100_iadd --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
+      --set_lr --steps 0 10 20 50 100 300 1000 --out experiments/results/set_length_n100
 
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
 keeps its points and resumes its students), <out>.md and <out>.png.
@@ -44,7 +55,7 @@ import numpy as np
 
 from distill import files
 from distill.config import apply_overrides, load_config
-from distill.data import datasets
+from distill.data import datasets, synthetic_set
 from distill.eval import transfer
 from distill.nn.models import build_model, extract_features, init_model
 from distill.selection import coresets
@@ -55,7 +66,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--workdir", required=True, help="holds (or imports) the teacher")
-  parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+  parser.add_argument("--sizes", type=int, nargs="*", default=[100, 1000],
+                      help="sizes of random real subsets to follow (none: only --sets)")
+  parser.add_argument("--sets", nargs="*", default=[], metavar="NAME=PATH",
+                      help="saved sets to follow, with their stored targets")
+  parser.add_argument("--set_lr", action="store_true",
+                      help="also run each parameter-matching set at its learned step size")
   parser.add_argument("--steps", type=int, nargs="+", default=[0, 100, 300, 1000],
                       help="pretraining lengths to read out (rounded up to whole epochs)")
   parser.add_argument("--lrs", type=float, nargs="+", default=[],
@@ -76,7 +92,11 @@ def main(argv=None) -> int:
   # drawn from the rest).
   order = np.random.default_rng([args.seed, 7]).permutation(total)
   held, pool = np.sort(order[:args.held_out]), np.sort(order[args.held_out:])
-  if max(args.sizes) > len(pool):
+  saved = [(name, synthetic_set.load_synthetic(path)) for name, path in map(parse_set, args.sets)]
+  for name, s in saved:
+    # A learned set started from source images: those are not held out.
+    held = held[~np.isin(held, np.asarray(s.extra.get("init_indices", []), np.int64))]
+  if args.sizes and max(args.sizes) > len(pool):
     raise SystemExit(f"--sizes: at most {len(pool)} (the source has {total} images, "
                      f"{args.held_out} held out)")
   x_all = datasets.normalize(source.images, teacher.mean, teacher.std)
@@ -95,7 +115,8 @@ def main(argv=None) -> int:
   if os.path.exists(args.out + ".jsonl"):
     with open(args.out + ".jsonl") as f:
       lines = [json.loads(line) for line in f if line.strip()]
-  done = {(l["kind"], l.get("n"), l.get("lr"), l.get("steps")) for l in lines}
+  done = {(l["kind"], l.get("set", "random"), l.get("n"), l.get("lr"), l.get("steps"))
+          for l in lines}
 
   def record(line: dict) -> None:
     lines.append(line)
@@ -103,22 +124,29 @@ def main(argv=None) -> int:
       f.write(json.dumps(line) + "\n")
     print(json.dumps(line), flush=True)
 
-  if ("none", None, None, None) not in done:
+  if ("none", "random", None, None, None) not in done:
     record(dict(kind="none", readouts=read_out(*transfer.fresh_backbone(
         config.pretrain, source.images.shape[1:], args.seed))))
-  if ("teacher", None, None, None) not in done:
+  if ("teacher", "random", None, None, None) not in done:
     record(dict(kind="teacher", readouts=read_out(teacher.model, teacher.variables)))
-  for lr in args.lrs or [config.pretrain.lr]:
-    for n in args.sizes:
-      subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
-      x_set = x_all[subset]
-      y_set = teacher.features(x_set)
+  runs = []  # (set name, n, images, targets, learning rates)
+  for n in args.sizes:
+    subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
+    runs.append(("random", n, x_all[subset], teacher.features(x_all[subset]), []))
+  for name, s in saved:
+    if s.targets.shape[1] != teacher.dim:
+      raise SystemExit(f"--sets {name}: targets of {s.targets.shape[1]} dims, the teacher's "
+                       f"representation has {teacher.dim}: not this teacher's set")
+    own = [float(s.extra["alpha"])] if args.set_lr and "alpha" in s.extra else []
+    runs.append((name, len(s.images), s.images, s.targets, own))
+  for name, n, x_set, y_set, own_lrs in runs:
+    for lr in (args.lrs or [config.pretrain.lr]) + own_lrs:
       to_targets = (transfer.target_standardizer(y_set) if config.pretrain.standardize_targets
                     else lambda y: y)
       per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
       for steps in sorted(set(args.steps)):
         epochs = math.ceil(steps / per_epoch)
-        if ("student", n, lr, epochs * per_epoch) in done:
+        if ("student", name, n, lr, epochs * per_epoch) in done:
           continue
         cfg = config.copy_and_resolve_references()
         apply_overrides(cfg, (f"pretrain.epochs={epochs}", f"pretrain.lr={lr}"))
@@ -128,20 +156,34 @@ def main(argv=None) -> int:
           variables = init_model(model, jax.random.key(args.seed), x_set.shape[1:])
           model = build_model(cfg.pretrain.arch)
         else:
-          # One job name per (n, lr): the longer run resumes the shorter one.
+          # One job name per (set, n, lr): the longer run resumes the shorter one.
           model, variables = transfer.pretrain(
               cfg.pretrain, x_set, y_set, args.seed, args.workdir,
-              f"gain_n{n}_lr{lr:g}_seed{args.seed}", kind="teacher", quiet=True)
+              f"gain_{'' if name == 'random' else name + '_'}n{n}_lr{lr:g}_seed{args.seed}",
+              kind="teacher" if name == "random" else "learned", quiet=True)
         seconds = time.perf_counter() - t0
         with_head = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
         predicted = lambda x: transfer.head_predictions(with_head, variables, x)
-        record(dict(kind="student", n=n, lr=lr, steps=epochs * per_epoch, epochs=epochs,
+        record(dict(kind="student", set=name, n=n, lr=lr, steps=epochs * per_epoch,
+                    epochs=epochs,
                     held_out_rel_error=transfer.relative_error(predicted(x_all[held]),
                                                                to_targets(y_held)),
                     train_rel_error=transfer.relative_error(predicted(x_set), to_targets(y_set)),
                     pretrain_seconds=seconds, readouts=read_out(model, variables)))
   write_report(lines, args, config, teacher)
   return 0
+
+
+def parse_set(spec: str) -> tuple[str, str]:
+  """`NAME=PATH` of `--sets` -> (name, path), refusing a missing file or a reserved name."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise SystemExit(f"--sets {spec!r}: expected NAME=PATH")
+  if name == "random":
+    raise SystemExit("--sets: 'random' names the random real subsets; choose another name")
+  if not os.path.isfile(path):
+    raise SystemExit(f"--sets {name}: no file {path}")
+  return name, path
 
 
 def write_report(lines: list[dict], args, config, teacher) -> None:
@@ -152,9 +194,11 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
 
   refs = {l["kind"]: l["readouts"] for l in lines if l["kind"] in ("none", "teacher")}
   students = sorted((l for l in lines if l["kind"] == "student"),
-                    key=lambda l: (l["lr"], l["n"], l["steps"]))
+                    key=lambda l: (l.get("set", "random"), l["lr"], l["n"], l["steps"]))
   readouts = args.readouts
-  out = ["# Where the teacher's gain is lost: students of random real subsets\n",
+  named = sorted({l["set"] for l in students if l.get("set", "random") != "random"})
+  out = ["# Where the teacher's gain is lost: students of random real subsets"
+         + "".join(f", {name}" for name in named) + "\n",
          "Command:\n", "    python experiments/pretraining_gain.py " + " ".join(sys.argv[1:]) + "\n",
          f"Teacher: {teacher.info.get('source')} {config.teacher.arch.name}-w"
          f"{config.teacher.arch.width}, representation `{config.teacher.representation}` "
@@ -165,7 +209,8 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
          f"{'standardised ' if config.pretrain.standardize_targets else ''}targets, SGD "
          f"(constant lr, momentum {config.pretrain.momentum}, wd "
          f"{config.pretrain.weight_decay}), batch {config.pretrain.batch_size}, no augmentation. "
-         f"Held-out error on {args.held_out} source images outside every subset. Read-outs "
+         f"Held-out error on {args.held_out} source images outside every subset (less any a "
+         f"learned set started from). Read-outs "
          f"(information only) on {config.data.target}: ridge probes, reg by "
          f"{config.probe.folds}-fold CV, low-label ones averaged over {config.probe.label_draws} "
          f"draws. `seconds`: the wall time of the segment since the previous length (a "
@@ -175,21 +220,23 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
          "| | " + " | ".join(readouts) + " |", "|---|" + "---|" * len(readouts)]
   for kind, values in refs.items():
     out.append(f"| {kind} | " + " | ".join(f"{100 * values[r]:.2f}" for r in readouts) + " |")
-  out += ["", "| n | lr | steps | held-out rel. error | train rel. error | "
-          + " | ".join(readouts) + " | seconds |", "|---|---|---|---|---|"
+  out += ["", "| set | n | lr | steps | held-out rel. error | train rel. error | "
+          + " | ".join(readouts) + " | seconds |", "|---|---|---|---|---|---|"
           + "---|" * len(readouts) + "---|"]
   for l in students:
-    out.append(f"| {l['n']} | {l['lr']:g} | {l['steps']} | {l['held_out_rel_error']:.3f} | "
+    out.append(f"| {l.get('set', 'random')} | {l['n']} | {l['lr']:.4g} | {l['steps']} | "
+               f"{l['held_out_rel_error']:.3f} | "
                f"{l['train_rel_error']:.3f} | "
                + " | ".join(f"{100 * l['readouts'][r]:.2f}" for r in readouts)
                + f" | {l['pretrain_seconds']:.0f} |")
   files.write_atomic(args.out + ".md", "\n".join(out) + "\n")
 
   fig, axes = plt.subplots(1, 1 + len(readouts), figsize=(5 * (1 + len(readouts)), 4))
-  for key in sorted({(l["n"], l["lr"]) for l in students}):
-    run = [l for l in students if (l["n"], l["lr"]) == key]
+  run_of = lambda l: (l.get("set", "random"), l["n"], l["lr"])
+  for key in sorted({run_of(l) for l in students}):
+    run = [l for l in students if run_of(l) == key]
     x = [max(l["steps"], 1) for l in run]
-    label = f"n={key[0]}, lr={key[1]:g}"
+    label = f"{key[0]} n={key[1]}, lr={key[2]:.3g}"
     axes[0].plot(x, [l["held_out_rel_error"] for l in run], "o-", label=label)
     for ax, r in zip(axes[1:], readouts):
       ax.plot(x, [100 * l["readouts"][r] for l in run], "o-", label=label)

@@ -93,6 +93,14 @@ def test_table_writer_round_trips_and_summarises():
     assert s["seeds"] == 3 and s["pretrain_seconds"] == pytest.approx(1.0)  # median of 0, 1, 8
 
 
+def test_published_tables_name_data_without_this_machines_prefix(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert table.shown_path("cifar10") == "cifar10"                    # a tfds name
+  assert table.shown_path("../data/x.tar.gz") == "../data/x.tar.gz"  # relative: as given
+  assert table.shown_path(str(tmp_path / "teachers" / "t1")) == "teachers/t1"
+  assert table.shown_path("/elsewhere/data/cifar10-jpg.tar.gz/") == "cifar10-jpg.tar.gz"
+
+
 def test_table_figure_has_a_panel_per_target_and_readout(tmp_path):
   summary = table.summarize(_runs())
   path = table.save_table_figure(str(tmp_path / "t.png"), summary, n=12, rows=tuple(sets.ROWS))

@@ -112,6 +112,21 @@ def mean_std_text(values) -> str:
   return f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
+def shown_path(name: str) -> str:
+  """A dataset or folder as a published table names it: no machine-specific prefix.
+
+  A tfds name or relative path is kept; an absolute path becomes relative to
+  the working directory when inside it, else its last component (a shared
+  data folder's absolute location says nothing to a reader elsewhere).
+  """
+  if not os.path.isabs(name):
+    return name
+  here = os.getcwd()
+  if os.path.commonpath([here, name]) == here:
+    return os.path.relpath(name, here)
+  return os.path.basename(name.rstrip(os.sep)) or name
+
+
 def format_markdown(results: dict, config, rows: Sequence[str]) -> str:
   """One accuracy table per (target, read-out) at the main n, then costs and the sweep.
 
@@ -124,7 +139,8 @@ def format_markdown(results: dict, config, rows: Sequence[str]) -> str:
   order = {r: i for i, r in enumerate(rows)}
   main = [s for s in summary if s["n"] == n_main]
   archs = list(dict.fromkeys(s["arch"] for s in main))
-  lines = [f"Source {config.data.source} (n = {n_main}); mean ± std top-1 (%) over seeds "
+  lines = [f"Source {shown_path(config.data.source)} (n = {n_main}); mean ± std top-1 (%) "
+           f"over seeds "
            f"(their count), [difference to `none`].", ""]
   for target, readout in dict.fromkeys((s["target"], s["readout"]) for s in main):
     block = [s for s in main if s["target"] == target and s["readout"] == readout]
@@ -165,9 +181,10 @@ def format_markdown(results: dict, config, rows: Sequence[str]) -> str:
     lines.append("")
   t = results.get("teacher", {})
   if t.get("probe") is not None:
-    origin = (f"imported from {t['imported_from']}" if t.get("imported_from") else
+    origin = (f"imported from {shown_path(t['imported_from'])}" if t.get("imported_from") else
               f"trained in {t.get('train_seconds') or 0:.0f} s")
-    lines.append(f"Teacher: linear probe {100 * t['probe']:.2f}% on {config.data.target}, "
+    lines.append(f"Teacher: linear probe {100 * t['probe']:.2f}% on "
+                 f"{shown_path(config.data.target)}, "
                  f"{origin}.")
   return "\n".join(lines) + "\n"
 
