@@ -56,7 +56,7 @@ import numpy as np
 from distill import files
 from distill.config import apply_overrides, load_config
 from distill.data import datasets, synthetic_set
-from distill.eval import transfer
+from distill.eval import table, transfer
 from distill.nn.models import build_model, extract_features, init_model
 from distill.selection import coresets
 from distill.stages import artefacts
@@ -211,7 +211,7 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
          f"{config.pretrain.weight_decay}), batch {config.pretrain.batch_size}, no augmentation. "
          f"Held-out error on {args.held_out} source images outside every subset (less any a "
          f"learned set started from). Read-outs "
-         f"(information only) on {config.data.target}: ridge probes, reg by "
+         f"(information only) on {table.shown_path(config.data.target)}: ridge probes, reg by "
          f"{config.probe.folds}-fold CV, low-label ones averaged over {config.probe.label_draws} "
          f"draws. `seconds`: the wall time of the segment since the previous length (a "
          f"longer run resumes the shorter one).\n",
