@@ -33,7 +33,7 @@ config's `teacher.checkpoint`):
       --workdir runs/gain --sizes 100 1000 10000 --steps 0 100 300 1000 3000 \
       --out experiments/results/pretraining_gain
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
-      --workdir runs/effect_n100_iadd --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
+      --workdir runs/gain_n100 --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
       --set_lr --steps 0 10 20 50 100 300 1000 --out experiments/results/set_length_n100
 
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
@@ -55,6 +55,7 @@ import numpy as np
 
 from distill import files
 from distill.config import apply_overrides, load_config
+from distill.errors import DistillError
 from distill.data import datasets, synthetic_set
 from distill.eval import table, transfer
 from distill.nn.models import build_model, extract_features, init_model
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
   # drawn from the rest).
   order = np.random.default_rng([args.seed, 7]).permutation(total)
   held, pool = np.sort(order[:args.held_out]), np.sort(order[args.held_out:])
-  saved = [(name, synthetic_set.load_synthetic(path)) for name, path in map(parse_set, args.sets)]
+  saved = [load_set(spec, teacher.dim) for spec in args.sets]
   for name, s in saved:
     # A learned set started from source images: those are not held out.
     held = held[~np.isin(held, np.asarray(s.extra.get("init_indices", []), np.int64))]
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
   if os.path.exists(args.out + ".jsonl"):
     with open(args.out + ".jsonl") as f:
       lines = [json.loads(line) for line in f if line.strip()]
-  done = {(l["kind"], l.get("set", "random"), l.get("n"), l.get("lr"), l.get("steps"))
+  done = {(l["kind"], set_of(l), l.get("n"), l.get("lr"), l.get("steps"))
           for l in lines}
 
   def record(line: dict) -> None:
@@ -134,16 +135,13 @@ def main(argv=None) -> int:
     subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
     runs.append(("random", n, x_all[subset], teacher.features(x_all[subset]), []))
   for name, s in saved:
-    if s.targets.shape[1] != teacher.dim:
-      raise SystemExit(f"--sets {name}: targets of {s.targets.shape[1]} dims, the teacher's "
-                       f"representation has {teacher.dim}: not this teacher's set")
     own = [float(s.extra["alpha"])] if args.set_lr and "alpha" in s.extra else []
     runs.append((name, len(s.images), s.images, s.targets, own))
   for name, n, x_set, y_set, own_lrs in runs:
+    to_targets = (transfer.target_standardizer(y_set) if config.pretrain.standardize_targets
+                  else lambda y: y)
+    per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
     for lr in (args.lrs or [config.pretrain.lr]) + own_lrs:
-      to_targets = (transfer.target_standardizer(y_set) if config.pretrain.standardize_targets
-                    else lambda y: y)
-      per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
       for steps in sorted(set(args.steps)):
         epochs = math.ceil(steps / per_epoch)
         if ("student", name, n, lr, epochs * per_epoch) in done:
@@ -174,16 +172,27 @@ def main(argv=None) -> int:
   return 0
 
 
-def parse_set(spec: str) -> tuple[str, str]:
-  """`NAME=PATH` of `--sets` -> (name, path), refusing a missing file or a reserved name."""
+def load_set(spec: str, teacher_dim: int) -> tuple[str, synthetic_set.SyntheticSet]:
+  """`NAME=PATH` of `--sets` -> (name, set), refusing a reserved name, an unreadable
+  file or targets of another teacher, before any work starts."""
   name, sep, path = spec.partition("=")
   if not sep or not name or not path:
     raise SystemExit(f"--sets {spec!r}: expected NAME=PATH")
   if name == "random":
     raise SystemExit("--sets: 'random' names the random real subsets; choose another name")
-  if not os.path.isfile(path):
-    raise SystemExit(f"--sets {name}: no file {path}")
-  return name, path
+  try:
+    s = synthetic_set.load_synthetic(path)
+  except DistillError as e:   # missing, corrupt, non-finite, wrong version
+    raise SystemExit(f"--sets {name}: {e}") from None
+  if s.targets.shape[1] != teacher_dim:
+    raise SystemExit(f"--sets {name}: targets of {s.targets.shape[1]} dims, the teacher's "
+                     f"representation has {teacher_dim}: not this teacher's set")
+  return name, s
+
+
+def set_of(line: dict) -> str:
+  """The set a recorded point belongs to (points written before `--sets` existed: random)."""
+  return line.get("set", "random")
 
 
 def write_report(lines: list[dict], args, config, teacher) -> None:
@@ -194,9 +203,9 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
 
   refs = {l["kind"]: l["readouts"] for l in lines if l["kind"] in ("none", "teacher")}
   students = sorted((l for l in lines if l["kind"] == "student"),
-                    key=lambda l: (l.get("set", "random"), l["lr"], l["n"], l["steps"]))
+                    key=lambda l: (set_of(l), l["lr"], l["n"], l["steps"]))
   readouts = args.readouts
-  named = sorted({l["set"] for l in students if l.get("set", "random") != "random"})
+  named = sorted({set_of(l) for l in students} - {"random"})
   out = ["# Where the teacher's gain is lost: students of random real subsets"
          + "".join(f", {name}" for name in named) + "\n",
          "Command:\n", "    python experiments/pretraining_gain.py " + " ".join(sys.argv[1:]) + "\n",
@@ -224,7 +233,7 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
           + " | ".join(readouts) + " | seconds |", "|---|---|---|---|---|---|"
           + "---|" * len(readouts) + "---|"]
   for l in students:
-    out.append(f"| {l.get('set', 'random')} | {l['n']} | {l['lr']:.4g} | {l['steps']} | "
+    out.append(f"| {set_of(l)} | {l['n']} | {l['lr']:.4g} | {l['steps']} | "
                f"{l['held_out_rel_error']:.3f} | "
                f"{l['train_rel_error']:.3f} | "
                + " | ".join(f"{100 * l['readouts'][r]:.2f}" for r in readouts)
@@ -232,7 +241,7 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
   files.write_atomic(args.out + ".md", "\n".join(out) + "\n")
 
   fig, axes = plt.subplots(1, 1 + len(readouts), figsize=(5 * (1 + len(readouts)), 4))
-  run_of = lambda l: (l.get("set", "random"), l["n"], l["lr"])
+  run_of = lambda l: (set_of(l), l["n"], l["lr"])
   for key in sorted({run_of(l) for l in students}):
     run = [l for l in students if run_of(l) == key]
     x = [max(l["steps"], 1) for l in run]

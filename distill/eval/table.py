@@ -140,8 +140,7 @@ def format_markdown(results: dict, config, rows: Sequence[str]) -> str:
   main = [s for s in summary if s["n"] == n_main]
   archs = list(dict.fromkeys(s["arch"] for s in main))
   lines = [f"Source {shown_path(config.data.source)} (n = {n_main}); mean ± std top-1 (%) "
-           f"over seeds "
-           f"(their count), [difference to `none`].", ""]
+           f"over seeds (their count), [difference to `none`].", ""]
   for target, readout in dict.fromkeys((s["target"], s["readout"]) for s in main):
     block = [s for s in main if s["target"] == target and s["readout"] == readout]
     lines += [f"### {target}, {readout.replace('_', ' ')}", "",
