@@ -64,7 +64,8 @@ def main(argv=None) -> int:
   meta = buffer.meta
   model = experts.expert_model(meta["arch"], meta["num_outputs"])
   mse = meta["objective"] == "mse"
-  truth = teacher.features(x_test) if mse else None
+  # The head predicts what the expert regressed: the raw or the standardised representation.
+  truth = experts.to_expert_space(meta, teacher.features(x_test)) if mse else None
 
   points = []
   for e in chosen:
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
   files.write_atomic(args.out, json.dumps(dict(
       config=args.config, workdir=args.workdir, buffer=directory, objective=meta["objective"],
       arch=meta["arch"], lr=meta.get("lr"), augment=config.experts.augment,
+      momentum=meta.get("momentum"), standardized_targets="target_scale" in meta,
       representation=config.probe.representation, points=points), indent=1))
   return 0
 

@@ -443,3 +443,15 @@ def test_tfds_mock_and_unknown_name(tmp_path):
   _raises("cannot load TFDS dataset 'no_such_dataset_xyz' split 'train': "
           "DatasetNotFoundError", datasets.load_dataset, "no_such_dataset_xyz",
           data_dir=str(tmp_path))
+
+
+def test_target_stats_is_the_closed_form_whatever_the_chunking():
+  r = np.random.default_rng(0)
+  targets = (5.0 + r.normal(size=(101, 7)) * np.arange(1, 8)).astype(np.float16)
+  exact = targets.astype(np.float64)
+  centre, scale = datasets.target_stats(targets, chunk=10)
+  np.testing.assert_allclose(centre, exact.mean(0), rtol=1e-6)
+  assert scale == pytest.approx(np.sqrt(np.mean((exact - exact.mean(0)) ** 2)), rel=1e-6)
+  assert datasets.target_stats(targets, chunk=1000)[1] == pytest.approx(scale, rel=1e-12)
+  with pytest.raises(DistillError, match=r"needs \(n, d\) targets"):
+    datasets.target_stats(np.zeros((0, 3)))

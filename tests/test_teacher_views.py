@@ -15,7 +15,9 @@ from distill.methods import experts as experts_lib
 from distill.methods.krr_st import KRRST
 from distill.nn.models import build_model, init_model
 from distill.stages import teacher_views as cache_stage
+from distill.errors import DistillError
 from distill.stages.krr_st import evaluate_held_out
+from distill.stages.param_match import run_experts
 from tests.conftest import SMOKE, smoke_args
 
 SHAPE = (8, 8, 3)
@@ -202,3 +204,82 @@ def test_krr_st_and_mse_experts_use_the_cache_through_the_cli(blobs_npz, tmp_pat
                              rtol=1e-4, atol=1e-5)
   assert not np.allclose(synthetic.targets, teacher.features(start.astype(np.float32)),
                          rtol=1e-4, atol=1e-5)
+
+
+def test_expert_step_standardises_the_cached_targets_it_regresses(images):
+  """(centre, scale) in the step is the same as regressing pre-mapped targets."""
+  model = experts_lib.expert_model(dict(name="convnet", width=4, depth=2, norm="instance"), 16)
+  step, optimizer = experts_lib.make_expert_step(model, "mse", 0.5, 0.0, False)
+  state = experts_lib.init_expert_state(model, optimizer, jax.random.key(0), SHAPE, 1)
+  r = np.random.default_rng(1)
+  raw = (3.0 + 0.2 * r.normal(size=(8, 1, 16))).astype(np.float32)
+  centre, scale = (3.0 + 0.05 * r.normal(size=16)).astype(np.float32), np.float32(0.2)
+  identity = np.tile(np.array([[4, 4, 0]], np.uint8), (8, 1))
+  batch = lambda t: (images[:8], {"views": identity, "targets": t[:, 0]}, np.int32(0))
+  stats = lambda c, s: (jnp.asarray(MEAN), jnp.asarray(STD), jnp.asarray(c), jnp.asarray(s))
+  copy = jax.tree.map(jnp.array, state)
+  key = jax.random.key(2)
+  a, ma = step(state, batch(raw), key, stats(centre, scale), None)
+  b, mb = step(copy, batch((raw - centre) / scale), key, stats(np.zeros(16), 1.0), None)
+  np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
+               a["params"], b["params"])
+  # Raw targets far from zero give a different, larger loss: the map is applied.
+  c, mc = step(jax.tree.map(jnp.array, b), batch(raw), key, stats(np.zeros(16), 1.0), None)
+  assert float(mc["loss"]) > 5 * float(mb["loss"])
+
+
+def test_standardised_kd_experts_through_the_cli(blobs_npz, tmp_path):
+  """The buffer stores its map, matching regresses in the experts' space, the set is
+  exported in the teacher's, and a buffer of the other kind is refused."""
+  from distill.cli import main
+  views = ("--set", "teacher.views=2")
+  assert main(smoke_args("teacher", tmp_path, blobs_npz, *views)) == 0
+  experts = smoke_args("experts", tmp_path, blobs_npz, *views,
+                       "--set", "experts.objective=mse", "--set", "experts.num_experts=1",
+                       "--set", "experts.epochs=2", "--set", "experts.standardize_targets=True")
+  assert main(experts) == 0
+  buffer = experts_lib.load_buffer(str(tmp_path / "experts_mse"))
+  meta = buffer.meta
+  view0 = np.load(tmp_path / "teacher_views_v2" / "targets.npy")[:, 0].astype(np.float64)
+  centre = view0.mean(0)
+  scale = np.sqrt(np.mean((view0 - centre) ** 2))
+  np.testing.assert_allclose(meta["target_centre"], centre, rtol=1e-5, atol=1e-6)
+  assert meta["target_scale"] == pytest.approx(scale, rel=1e-5)
+  mapped = experts_lib.to_expert_space(meta, view0.astype(np.float32))
+  np.testing.assert_allclose(mapped.mean(0), 0.0, atol=1e-4)
+  assert np.sqrt(np.mean(mapped ** 2)) == pytest.approx(1.0, rel=1e-4)
+  np.testing.assert_allclose(experts_lib.from_expert_space(meta, mapped), view0, rtol=1e-4,
+                             atol=1e-5)
+  # MKDT's high-loss start scores the expert against the standardised targets.
+  match = smoke_args("param-match", tmp_path, blobs_npz, *experts[-10:],
+                     "--set", "param_match.method=mtt", "--set", "param_match.init=high_loss",
+                     "--set", "param_match.lr_targets=0.0",
+                     "--set", "param_match.num_synthetic=8", "--set", "param_match.syn_batch=8",
+                     "--set", "param_match.syn_steps=2", "--set", "param_match.steps=2",
+                     "--set", "param_match.max_start=1", "--set", "param_match.expert_epochs=1")
+  assert main(match) == 0
+  synthetic = synthetic_set.load_synthetic(str(tmp_path / "synthetic_mtt.npz"))
+  source = np.load(blobs_npz)["x_train"]
+  x = (source.astype(np.float32) / 255 - np.asarray(meta["mean"])) / np.asarray(meta["std"])
+  outputs = experts_lib.expert_model(meta["arch"], meta["num_outputs"]).apply(
+      {"params": buffer.checkpoint(0, 2)}, jnp.asarray(x, jnp.float32))[1]
+  by_hand = np.mean((np.asarray(outputs, np.float64) - mapped) ** 2, axis=1)
+  worst = sorted(np.argsort(-by_hand)[:8].tolist())
+  assert synthetic.extra["init_indices"] == worst
+  assert synthetic.extra["init_scores"]["chosen_mean"] == pytest.approx(by_hand[worst].mean(),
+                                                                        rel=1e-4)
+  # Fixed targets come back in the teacher's space: its view of the start images.
+  config = load_config(SMOKE, ["teacher.views=2", f"data.source={blobs_npz}",
+                               f"data.target={blobs_npz}"])
+  teacher = barlow_twins.load_teacher(str(tmp_path / "teacher"), config.teacher.representation)
+  np.testing.assert_allclose(synthetic.targets, teacher.features(x[worst]), rtol=1e-4,
+                             atol=1e-4 * float(np.abs(view0).max()))
+  # A raw-target config on this standardised buffer is refused by the stage
+  # (the CLI's workdir check refuses it before that), naming the setting.
+  raw = load_config(SMOKE, ["teacher.views=2", f"data.source={blobs_npz}",
+                            f"data.target={blobs_npz}", "experts.objective='mse'",
+                            "experts.num_experts=1", "experts.epochs=2"])
+  with pytest.raises(DistillError, match="regressed standardised teacher representations.*"
+                                         "standardize_targets=False"):
+    run_experts(raw, str(tmp_path))

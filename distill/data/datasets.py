@@ -120,6 +120,32 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean.astype(np.float32), std.astype(np.float32)
 
 
+def target_stats(targets: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, float]:
+  """Centre and scale of representation targets: the map y -> (y - centre) / scale.
+
+  A per-dimension centre and one overall scale (the root mean square of the
+  centred targets), so the regression no longer spends its effort on the
+  targets' large common mean while the relative size of the dimensions is
+  kept. Accumulates in float64 over chunks (targets may be a float16 memory map).
+
+  Args:
+    targets: (n, d) representations, n >= 1.
+
+  Returns:
+    (centre (d,) float32, scale) with scale > 0.
+  """
+  if targets.ndim != 2 or len(targets) == 0:
+    raise DistillError(f"target_stats needs (n, d) targets with n >= 1, got {targets.shape}")
+  n = len(targets)
+  total = np.zeros(targets.shape[1], np.float64)
+  for i in range(0, n, chunk):
+    total += targets[i:i + chunk].sum(0, dtype=np.float64)
+  centre = total / n
+  sq = sum(float(np.sum((targets[i:i + chunk].astype(np.float64) - centre) ** 2))
+           for i in range(0, n, chunk))
+  return centre.astype(np.float32), float(np.sqrt(sq / targets.size)) + 1e-8
+
+
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
   """Maps uint8 images to float32 `(images / 255 - mean) / std`.
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from distill.data import augment
+from distill.data import augment, datasets
 from distill.errors import DistillError
 from distill.nn.loop import batch_indices, run_loop
 from distill.nn.models import apply_model, build_model, gradient_step, init_model
@@ -86,8 +86,7 @@ def target_standardizer(targets: np.ndarray):
     `y (..., d) -> (y - centre) / scale`, for numpy or jax arrays (e.g. the
     teacher's targets of other images, to compare them with the head's output).
   """
-  centre = np.asarray(targets, np.float32).mean(0)
-  scale = float(np.sqrt(np.mean((targets - centre) ** 2))) + 1e-8
+  centre, scale = datasets.target_stats(np.asarray(targets, np.float32))
   return lambda y: (y - centre) / scale
 
 

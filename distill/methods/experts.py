@@ -7,14 +7,22 @@ after every epoch. Two objectives (config `experts.objective`):
 
   * "ce": cross-entropy with the source labels (the source must have them);
   * "mse": regression of the teacher's representations g(x) of the same
-    augmented views, so the buffer needs no labels at all.
+    augmented views, so the buffer needs no labels at all. With
+    `experts.standardize_targets` the expert regresses (g(x) - centre) / scale,
+    the map `datasets.target_stats` fits to the teacher's representations of
+    the source images (stored in the metadata; `to_expert_space` applies it),
+    as the table's students standardise theirs: on raw targets the common
+    mean dominates the loss and the experts do not learn the teacher
+    (experiments/results/expert_probe_n100.json).
 
 Buffer on disk, one directory per objective and one file per expert,
 `<workdir>/experts_<objective>/expert_XX.npz`:
 
   params/<module>/<name>   (epochs + 1, *leaf shape), float32 or float16
   meta                     0-d JSON string: objective, epochs, arch,
-                           num_outputs, image_shape, mean, std, dtype, ...
+                           num_outputs, image_shape, mean, std, dtype,
+                           target_centre and target_scale (standardised
+                           "mse" targets), ...
 
 A file is written atomically once its expert has finished, so an existing
 file is a finished expert and is skipped on a rerun; an expert killed half
@@ -97,7 +105,9 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
   {"views", "targets"} (teacher_views.cached_real_batch), slot): a slot > 0
   records the updated parameters as snapshot `slot` (the step ends epoch
   `slot`); slot 0 records nothing.
-  `stats` is (mean (C,), std (C,)) of the input normalisation. With
+  `stats` is (mean (C,), std (C,)) of the input normalisation and, for
+  "mse", (centre (k,), scale ()) of the targets' map `(g - centre) / scale`
+  (zeros and 1: the raw representation). With
   `weighted` (InfoBatch) the batch also carries (indices (B,), weights (B,)),
   the loss is mean_i(w_i * loss_i) and the state's "scores" (N,) receive
   each sample's unweighted loss.
@@ -109,7 +119,7 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
 
   def step(state, batch, rng, stats, teacher_vars):
     images, labels, slot = batch[:3]
-    mean, std = stats
+    mean, std, centre, scale = stats
     x = augment.normalize_batch(images, mean, std)
     if isinstance(labels, dict):
       # A teacher-view cache batch ("mse"): the stored view and its stored
@@ -125,6 +135,8 @@ def make_expert_step(model: nn.Module, objective: str, lr: float, momentum: floa
         # The teacher sees the same (augmented) view as the expert.
         targets = jax.lax.stop_gradient(barlow_twins.represent(teacher_model, teacher_vars, x,
                                                                representation))
+    if objective == "mse":
+      targets = (targets - centre) / scale
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, x)[1]
@@ -161,7 +173,7 @@ def init_expert_state(model: nn.Module, optimizer, rng: jax.Array, image_shape: 
 def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
                  num_outputs: int, directory: str, index: int, seed: int,
                  teacher=None, quiet: bool = False, meta: dict | None = None,
-                 views=None) -> str:
+                 views=None, target_map: tuple | None = None) -> str:
   """Trains expert `index` and writes `directory/expert_XX.npz`; resumable.
 
   Args:
@@ -177,6 +189,8 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
     views: a teacher-view cache ("mse"; stages.teacher_views.ViewCache):
       batches carry stored views and representations instead of running
       the teacher; `cfg.augment` False takes view 0 (the image itself).
+    target_map: ("mse") (centre (k,), scale) of `datasets.target_stats`: the
+      expert regresses (g - centre) / scale; None regresses g itself.
 
   Returns:
     The path of the written buffer file.
@@ -194,7 +208,9 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
   step, optimizer = make_expert_step(model, cfg.objective, lr, cfg.momentum, cfg.augment,
                                      None if teacher is None else teacher.model, pruned,
                                      "features" if teacher is None else teacher.representation)
-  stats = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+  centre, scale = target_map if target_map is not None else (np.zeros(num_outputs), 1.0)
+  stats = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32),
+           jnp.asarray(centre, jnp.float32), jnp.asarray(scale, jnp.float32))
   teacher_vars = None if teacher is None else teacher.variables
   state = init_expert_state(model, optimizer, jax.random.fold_in(jax.random.key(seed), index),
                             tuple(images.shape[1:]), cfg.epochs)
@@ -240,8 +256,11 @@ def train_expert(cfg, images: np.ndarray, labels: np.ndarray | None, mean, std,
               arch=cfg.arch.to_dict(),
               num_outputs=num_outputs, image_shape=list(images.shape[1:]),
               mean=[float(m) for m in mean], std=[float(s) for s in std], lr=lr,
+              momentum=float(cfg.momentum),
               dtype=cfg.dtype, seconds=time.perf_counter() - t0,
               final_loss=history[-1]["loss"] if history else None)
+  if target_map is not None:
+    info.update(target_centre=[float(c) for c in centre], target_scale=float(scale))
   save_trajectory(path, jax.device_get(state["trajectory"]), info, cfg.dtype)
   # The finished file replaces the checkpoints, which hold the same trajectory.
   shutil.rmtree(os.path.join(directory, name, "ckpt"), ignore_errors=True)
@@ -285,7 +304,7 @@ class ExpertBuffer(NamedTuple):
     return jax.tree.map(lambda t: np.asarray(t[epoch], np.float32), self.trajectories[expert])
 
 
-_SHARED_META = ("objective", "epochs", "arch", "num_outputs", "image_shape")
+_SHARED_META = ("objective", "epochs", "arch", "num_outputs", "image_shape", "target_scale")
 
 
 def load_buffer(directory: str) -> ExpertBuffer:
@@ -345,6 +364,22 @@ def per_sample_losses(meta: dict, params, images: np.ndarray, targets: np.ndarra
 @functools.lru_cache(maxsize=None)
 def _jitted_losses(model: nn.Module, objective: str):
   return jax.jit(lambda p, x, y: per_sample_loss(objective, model.apply({"params": p}, x)[1], y))
+
+
+def to_expert_space(meta: dict, targets):
+  """Teacher representations (..., k) -> the targets the buffer's experts regressed."""
+  if "target_scale" not in meta:
+    return targets
+  return (targets - np.asarray(meta["target_centre"], np.float32)) / np.float32(
+      meta["target_scale"])
+
+
+def from_expert_space(meta: dict, targets):
+  """The inverse of `to_expert_space`: back to the teacher's representation space."""
+  if "target_scale" not in meta:
+    return targets
+  return targets * np.float32(meta["target_scale"]) + np.asarray(meta["target_centre"],
+                                                                np.float32)
 
 
 def expert_lr(cfg) -> float:

@@ -40,6 +40,9 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
     num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
   # Knowledge-distillation experts read the teacher's cached views (teacher.views > 0).
   views = None if teacher is None else workdir_views(config, workdir, source, teacher)
+  target_map = None
+  if teacher is not None and cfg.get("standardize_targets", False):
+    target_map = datasets.target_stats(source_representations(source, teacher, views))
   log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
       f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")
   for e in range(cfg.num_experts):
@@ -49,9 +52,25 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
       continue
     experts.train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
                          std, num_outputs, directory, e, config.seed, teacher=teacher,
-                         meta=dict(source=source.name), views=views)
+                         meta=dict(source=source.name), views=views, target_map=target_map)
     log(f"[experts] wrote {path}")
-  return experts.load_buffer(directory)
+  buffer = experts.load_buffer(directory)
+  if cfg.objective == "mse" and ("target_scale" in buffer.meta) != (target_map is not None):
+    raise DistillError(f"the experts in {directory} regressed "
+                       f"{'standardised' if 'target_scale' in buffer.meta else 'raw'} teacher "
+                       f"representations, the config asks for experts.standardize_targets="
+                       f"{target_map is not None}; use another workdir or move the buffer")
+  return buffer
+
+
+def source_representations(source, teacher, views) -> np.ndarray:
+  """(N, k) the teacher's representations of the source images themselves.
+
+  View 0 of the teacher-view cache (the image, uncropped), else the teacher run once.
+  """
+  if views is not None:
+    return views.targets[:, 0]
+  return teacher.features(datasets.normalize(source.images, teacher.mean, teacher.std))
 
 
 def high_loss_subset(config, workdir: str, source, teacher, buffer: experts.ExpertBuffer,
@@ -67,12 +86,9 @@ def high_loss_subset(config, workdir: str, source, teacher, buffer: experts.Expe
   Returns:
     (the n indices, sorted; {"source_mean", "chosen_mean", "chosen_min"} of the scores).
   """
-  views = workdir_views(config, workdir, source, teacher)
-  if views is not None:
-    targets = np.asarray(views.targets[:, 0], np.float32)
-  else:
-    targets = teacher.features(datasets.normalize(source.images, teacher.mean, teacher.std))
   meta = buffer.meta
+  targets = experts.to_expert_space(meta, np.asarray(source_representations(
+      source, teacher, workdir_views(config, workdir, source, teacher)), np.float32))
   images = datasets.normalize(source.images, np.asarray(meta["mean"], np.float32),
                               np.asarray(meta["std"], np.float32))
   scores = experts.per_sample_losses(meta, buffer.checkpoint(0, buffer.epochs), images, targets)
@@ -156,7 +172,8 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
     else:
       init_idx = coresets.random_subset(num_source, n, config.seed)
     x0 = datasets.normalize(source.images[init_idx], mean, std)
-    y0 = teacher.features(x0)
+    # The student regresses what the experts regressed (standardised or raw).
+    y0 = experts.to_expert_space(meta, teacher.features(x0))
     teacher_name = f"barlow_twins/{teacher.model.__class__.__name__.lower()}"
     if cfg.teacher_targets:
       # The teacher reads the synthetic images as they are: they must be
@@ -166,7 +183,8 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
                            f"normalisation (mean {mean.tolist()}, std {std.tolist()}) is "
                            f"not the teacher's ({teacher.mean.tolist()}, "
                            f"{teacher.std.tolist()})")
-      teacher_fn = functools.partial(teacher.represent, teacher.variables)
+      represent = functools.partial(teacher.represent, teacher.variables)
+      teacher_fn = lambda x: experts.to_expert_space(meta, represent(x))
   method = param_match.ParamMatch(cfg, experts.expert_model(meta["arch"], num_outputs), objective,
                                   teacher_fn)
   state = method.init(jax.random.key(config.seed), x0, y0)
@@ -197,7 +215,9 @@ def run_param_match(config, workdir: str) -> synthetic_set.SyntheticSet:
         f"{held_out['initial']['loss_plain']:.4f}")
   synthetic = synthetic_set.SyntheticSet(
       images=np.asarray(learned["images"]),
-      targets=np.asarray(method.export_targets(learned), np.float32),
+      # Exported in the teacher's space, whatever space the experts regressed.
+      targets=experts.from_expert_space(meta, np.asarray(method.export_targets(learned),
+                                                         np.float32)),
       labels=labels, method=name, source=source.name, teacher=teacher_name,
       image_mean=mean, image_std=std, config=to_dict(config), step=cfg.steps,
       extra=dict(alpha=float(np.exp(learned["log_alpha"])), objective=objective,
