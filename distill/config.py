@@ -141,8 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
       augment=True,            # random crop + flip
       # "mse": regress (g - centre) / scale, the teacher's representations
       # centred per dimension and scaled to unit RMS over the source (as the
-      # table's students standardise theirs); False regresses g as it is.
-      standardize_targets=False,
+      # table's students standardise theirs); False regresses g as it is,
+      # which left the effect table's experts unable to learn the teacher
+      # (experiments/results/expert_probe_n100*.json).
+      standardize_targets=True,
       dtype="float32",         # buffer storage: "float32" or "float16"
       # InfoBatch dynamic pruning of the expert epochs (distill/selection/infobatch.py); 0 = off.
       infobatch=ml_collections.ConfigDict(dict(prune_ratio=0.0, delta=0.875)),

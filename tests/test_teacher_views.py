@@ -154,15 +154,16 @@ def test_krr_st_and_mse_experts_use_the_cache_through_the_cli(blobs_npz, tmp_pat
   assert again["learned"] == pytest.approx(held_out["learned"], rel=1e-5)
   # The experts find the cache built and do not rebuild it.
   mtime = os.path.getmtime(directory / "targets.npy")
+  # Raw targets here (the standardised default has its own test below).
   experts = smoke_args("experts", tmp_path, blobs_npz, "--set", "teacher.views=2",
                        "--set", "experts.objective=mse", "--set", "experts.num_experts=1",
-                       "--set", "experts.epochs=2")
+                       "--set", "experts.epochs=2", "--set", "experts.standardize_targets=False")
   assert main(experts) == 0
   assert os.path.getmtime(directory / "targets.npy") == mtime
   assert "[teacher_views]" not in capsys.readouterr().out
   # MKDT's high-loss start: the n source images the first expert, after its
   # last epoch, fits worst against the teacher's view of the image itself.
-  match = smoke_args("param-match", tmp_path, blobs_npz, *experts[-8:],
+  match = smoke_args("param-match", tmp_path, blobs_npz, *experts[-10:],
                      "--set", "param_match.method=mtt", "--set", "param_match.init=high_loss",
                      "--set", "param_match.num_synthetic=8", "--set", "param_match.syn_batch=8",
                      "--set", "param_match.syn_steps=2", "--set", "param_match.steps=2",
@@ -279,7 +280,8 @@ def test_standardised_kd_experts_through_the_cli(blobs_npz, tmp_path):
   # (the CLI's workdir check refuses it before that), naming the setting.
   raw = load_config(SMOKE, ["teacher.views=2", f"data.source={blobs_npz}",
                             f"data.target={blobs_npz}", "experts.objective='mse'",
-                            "experts.num_experts=1", "experts.epochs=2"])
+                            "experts.num_experts=1", "experts.epochs=2",
+                            "experts.standardize_targets=False"])
   with pytest.raises(DistillError, match="regressed standardised teacher representations.*"
                                          "standardize_targets=False"):
     run_experts(raw, str(tmp_path))
