@@ -40,9 +40,8 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
     num_outputs, mean, std = teacher.dim, teacher.mean, teacher.std
   # Knowledge-distillation experts read the teacher's cached views (teacher.views > 0).
   views = None if teacher is None else workdir_views(config, workdir, source, teacher)
-  target_map = None
-  if teacher is not None and cfg.get("standardize_targets", False):
-    target_map = datasets.target_stats(source_representations(source, teacher, views))
+  standardize = teacher is not None and cfg.get("standardize_targets", False)
+  target_map = None   # fitted on first need: a rerun with every expert written reads nothing
   log(f"[experts] {cfg.num_experts} x {cfg.arch.name} ({cfg.objective}) on {source.name}: "
       f"{len(source.images)} images, {cfg.epochs} epochs each -> {directory}")
   for e in range(cfg.num_experts):
@@ -50,16 +49,18 @@ def run_experts(config, workdir: str) -> experts.ExpertBuffer:
     if os.path.exists(path):
       found("experts", path)
       continue
+    if standardize and target_map is None:
+      target_map = datasets.target_stats(source_representations(source, teacher, views))
     experts.train_expert(cfg, source.images, source.labels if cfg.objective == "ce" else None, mean,
                          std, num_outputs, directory, e, config.seed, teacher=teacher,
                          meta=dict(source=source.name), views=views, target_map=target_map)
     log(f"[experts] wrote {path}")
   buffer = experts.load_buffer(directory)
-  if cfg.objective == "mse" and ("target_scale" in buffer.meta) != (target_map is not None):
+  if cfg.objective == "mse" and ("target_scale" in buffer.meta) != standardize:
     raise DistillError(f"the experts in {directory} regressed "
                        f"{'standardised' if 'target_scale' in buffer.meta else 'raw'} teacher "
                        f"representations, the config asks for experts.standardize_targets="
-                       f"{target_map is not None}; use another workdir or move the buffer")
+                       f"{standardize}; use another workdir or move the buffer")
   return buffer
 
 
