@@ -70,7 +70,7 @@ def get_config(variant: str = ""):
   # 1.04 on unseen images after 4 epochs; probe accuracy falls 6-7 points
   # below their initialisation; results/expert_probe_n100.json); on
   # standardised targets (experts.standardize_targets, the default since)
-  # 1 - R^2 falls to 0.58 and the probe rises 4.8 points above it
+  # expert 0's 1 - R^2 falls to 0.58 and its probe rises 4.8 points above its init
   # (results/expert_probe_n100_standardized.json). The mtt / iadd rows
   # recorded before (cifar10_effect.md, cifar10_effect_n100*.md) used raw
   # targets: their commands need --set experts.standardize_targets=False.
