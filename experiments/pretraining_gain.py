@@ -27,6 +27,11 @@ sets out after 20 epochs at that step size), where the table pretrains for
 its learned step size (`extra.alpha`), so both protocols are read from one
 run per set.
 
+`--starts` adds, for each learned set, the real source images it started
+from (`extra.init_indices`) with the teacher's representations as targets:
+the control that separates what the optimiser did from where it started
+(same students, same seed, same held-out images).
+
 Command (from the repository root; the teacher is the workdir's, or the
 config's `teacher.checkpoint`):
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
@@ -35,6 +40,9 @@ config's `teacher.checkpoint`):
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
       --workdir runs/gain_n100 --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
       --set_lr --steps 0 10 20 50 100 300 1000 --out experiments/results/set_length_n100
+  python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/gain_iadd --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
+      --starts --steps 0 1000 --out experiments/results/start_control_n100_seed0
 
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
 keeps its points and resumes its students), <out>.md and <out>.png.
@@ -75,6 +83,8 @@ def main(argv=None) -> int:
                       help="also run each parameter-matching set at its learned step size")
   parser.add_argument("--steps", type=int, nargs="+", default=[0, 100, 300, 1000],
                       help="pretraining lengths to read out (rounded up to whole epochs)")
+  parser.add_argument("--starts", action="store_true",
+                      help="also follow the real images each learned set started from")
   parser.add_argument("--lrs", type=float, nargs="+", default=[],
                       help="pretraining learning rates (default: the config's)")
   parser.add_argument("--readouts", nargs="+", default=["linear_probe_5pct", "linear_probe"])
@@ -93,7 +103,7 @@ def main(argv=None) -> int:
   # drawn from the rest).
   order = np.random.default_rng([args.seed, 7]).permutation(total)
   held, pool = np.sort(order[:args.held_out]), np.sort(order[args.held_out:])
-  saved = [load_set(spec, teacher.dim) for spec in args.sets]
+  saved = [load_set(spec, teacher.dim, args.starts) for spec in args.sets]
   for name, s in saved:
     # A learned set started from source images: those are not held out.
     held = held[~np.isin(held, np.asarray(s.extra.get("init_indices", []), np.int64))]
@@ -130,14 +140,18 @@ def main(argv=None) -> int:
         config.pretrain, source.images.shape[1:], args.seed))))
   if ("teacher", "random", None, None, None) not in done:
     record(dict(kind="teacher", readouts=read_out(teacher.model, teacher.variables)))
-  runs = []  # (set name, n, images, targets, learning rates)
+  runs = []  # (set name, n, images, targets, target kind, learning rates)
   for n in args.sizes:
     subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
-    runs.append(("random", n, x_all[subset], teacher.features(x_all[subset]), []))
+    runs.append(("random", n, x_all[subset], teacher.features(x_all[subset]), "teacher", []))
   for name, s in saved:
     own = [float(s.extra["alpha"])] if args.set_lr and "alpha" in s.extra else []
-    runs.append((name, len(s.images), s.images, s.targets, own))
-  for name, n, x_set, y_set, own_lrs in runs:
+    runs.append((name, len(s.images), s.images, s.targets, "learned", own))
+    if args.starts:
+      start = np.asarray(s.extra["init_indices"], np.int64)
+      runs.append((f"{name}_start", len(start), x_all[start], teacher.features(x_all[start]),
+                   "teacher", []))
+  for name, n, x_set, y_set, target_kind, own_lrs in runs:
     to_targets = (transfer.target_standardizer(y_set) if config.pretrain.standardize_targets
                   else lambda y: y)
     per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
@@ -158,7 +172,7 @@ def main(argv=None) -> int:
           model, variables = transfer.pretrain(
               cfg.pretrain, x_set, y_set, args.seed, args.workdir,
               f"gain_{'' if name == 'random' else name + '_'}n{n}_lr{lr:g}_seed{args.seed}",
-              kind="teacher" if name == "random" else "learned", quiet=True)
+              kind=target_kind, quiet=True)
         seconds = time.perf_counter() - t0
         with_head = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
         predicted = lambda x: transfer.head_predictions(with_head, variables, x)
@@ -172,14 +186,17 @@ def main(argv=None) -> int:
   return 0
 
 
-def load_set(spec: str, teacher_dim: int) -> tuple[str, synthetic_set.SyntheticSet]:
+def load_set(spec: str, teacher_dim: int, starts: bool = False
+             ) -> tuple[str, synthetic_set.SyntheticSet]:
   """`NAME=PATH` of `--sets` -> (name, set), refusing a reserved name, an unreadable
-  file or targets of another teacher, before any work starts."""
+  file, targets of another teacher or (with `starts`) a set that records no start
+  images, before any work starts."""
   name, sep, path = spec.partition("=")
   if not sep or not name or not path:
     raise SystemExit(f"--sets {spec!r}: expected NAME=PATH")
-  if name == "random":
-    raise SystemExit("--sets: 'random' names the random real subsets; choose another name")
+  if name == "random" or name.endswith("_start"):
+    raise SystemExit(f"--sets {name}: 'random' and names ending in '_start' are the script's "
+                     f"own; choose another name")
   try:
     s = synthetic_set.load_synthetic(path)
   except DistillError as e:   # missing, corrupt, non-finite, wrong version
