@@ -41,8 +41,8 @@ config's `teacher.checkpoint`):
       --workdir runs/gain_n100 --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
       --set_lr --steps 0 10 20 50 100 300 1000 --out experiments/results/set_length_n100
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
-      --workdir runs/gain_iadd --sizes 100 --sets iadd=runs/effect_n100_iadd/synthetic_iadd.npz \
-      --starts --steps 0 1000 --out experiments/results/start_control_n100_seed0
+      --workdir runs/gain_start --sizes --sets iadd=runs/effect_n100_iadd_rand/synthetic_iadd.npz \
+      --starts --seed 0 --steps 0 300 1000 --out experiments/results/start_control_n100_seed0
 
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
 keeps its points and resumes its students), <out>.md and <out>.png.
