@@ -301,7 +301,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # The results table (distill/stages/table.py): rows x architectures x targets x
-  # read-outs x seeds. Rows: none, random, kmeans, kip, frepo, krr_st, iadd,
+  # read-outs x seeds. Rows: none, random, random_mf, kmeans, kip, frepo, krr_st, iadd,
   # mtt, full (regress the teacher on the whole source), teacher.
   c.eval = ml_collections.ConfigDict(dict(
       seeds=(0, 1, 2),
@@ -313,6 +313,7 @@ def base_config() -> ml_collections.ConfigDict:
       sizes=(),                # extra set sizes for the size sweep (linear probe, first target)
       sweep_rows=("random", "krr_st"),
       full_epochs=10,          # pretraining epochs of the "full" row
+      multi_formation=2,       # random_mf row: real images per stored image = this^2 (IDC)
       results_path="",         # also write <results_path>.{md,json,csv,png}
   ))
 

@@ -32,6 +32,12 @@ from (`extra.init_indices`) with the teacher's representations as targets:
 the control that separates what the optimiser did from where it started
 (same students, same seed, same held-out images).
 
+`--multi_formation F:N` adds N stored images of IDC's multi-formation
+(distill/data/multi_formation.py): N * F^2 random real images, each
+downsampled F times, stored F x F to an image and trained on upsampled back,
+with the teacher's targets; `n` is then the N stored images, and the
+students' epochs run over the N * F^2 images they train on.
+
 Command (from the repository root; the teacher is the workdir's, or the
 config's `teacher.checkpoint`):
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
@@ -43,6 +49,10 @@ config's `teacher.checkpoint`):
   python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
       --workdir runs/gain_start --sizes --sets iadd=runs/effect_n100_iadd_rand/synthetic_iadd.npz \
       --starts --seed 0 --steps 0 300 1000 --out experiments/results/start_control_n100_seed0
+
+  python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/mf/w --sizes 100 175 400 --multi_formation 2:100 --seed 0 --steps 1000 \
+      --out experiments/results/multi_formation_gain_seed0
 
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
 keeps its points and resumes its students), <out>.md and <out>.png.
@@ -64,7 +74,7 @@ import numpy as np
 from distill import files
 from distill.config import apply_overrides, load_config
 from distill.errors import DistillError
-from distill.data import datasets, synthetic_set
+from distill.data import datasets, multi_formation, synthetic_set
 from distill.eval import table, transfer
 from distill.nn.models import build_model, extract_features, init_model
 from distill.selection import coresets
@@ -85,6 +95,9 @@ def main(argv=None) -> int:
                       help="pretraining lengths to read out (rounded up to whole epochs)")
   parser.add_argument("--starts", action="store_true",
                       help="also follow the real images each learned set started from")
+  parser.add_argument("--multi_formation", nargs="*", default=[], metavar="F:N",
+                      help="also follow N stored images of IDC's multi-formation: N*F^2 random "
+                           "real images downsampled F times and upsampled back, teacher targets")
   parser.add_argument("--lrs", type=float, nargs="+", default=[],
                       help="pretraining learning rates (default: the config's)")
   parser.add_argument("--readouts", nargs="+", default=["linear_probe_5pct", "linear_probe"])
@@ -110,6 +123,8 @@ def main(argv=None) -> int:
   if args.sizes and max(args.sizes) > len(pool):
     raise SystemExit(f"--sizes: at most {len(pool)} (the source has {total} images, "
                      f"{args.held_out} held out)")
+  formations = [parse_formation(spec, len(pool), source.images.shape[1:3])
+                for spec in args.multi_formation]
   x_all = datasets.normalize(source.images, teacher.mean, teacher.std)
   y_held = teacher.features(x_all[held])
   target = artefacts.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
@@ -144,6 +159,12 @@ def main(argv=None) -> int:
   for n in args.sizes:
     subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
     runs.append(("random", n, x_all[subset], teacher.features(x_all[subset]), "teacher", []))
+  for factor, n in formations:
+    # Stored images each holding factor^2 real ones (distill/data/multi_formation.py);
+    # the subset is drawn apart from `random`'s.
+    subset = pool[coresets.random_subset(len(pool), n * factor * factor, 5000 + args.seed)]
+    x_mf = multi_formation.decode(multi_formation.encode(x_all[subset], factor), factor)
+    runs.append((f"random_mf{factor}", n, x_mf, teacher.features(x_mf), "teacher", []))
   for name, s in saved:
     own = [float(s.extra["alpha"])] if args.set_lr and "alpha" in s.extra else []
     runs.append((name, len(s.images), s.images, s.targets, "learned", own))
@@ -154,7 +175,8 @@ def main(argv=None) -> int:
   for name, n, x_set, y_set, target_kind, own_lrs in runs:
     to_targets = (transfer.target_standardizer(y_set) if config.pretrain.standardize_targets
                   else lambda y: y)
-    per_epoch = max(n // min(config.pretrain.batch_size, n), 1)
+    # Epochs are over the images trained on (n * F^2 for a multi-formation set).
+    per_epoch = max(len(x_set) // min(config.pretrain.batch_size, len(x_set)), 1)
     for lr in (args.lrs or [config.pretrain.lr]) + own_lrs:
       for steps in sorted(set(args.steps)):
         epochs = math.ceil(steps / per_epoch)
@@ -176,7 +198,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         with_head = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
         predicted = lambda x: transfer.head_predictions(with_head, variables, x)
-        record(dict(kind="student", set=name, n=n, lr=lr, steps=epochs * per_epoch,
+        record(dict(kind="student", set=name, n=n, training_images=len(x_set), lr=lr,
+                    steps=epochs * per_epoch,
                     epochs=epochs,
                     held_out_rel_error=transfer.relative_error(predicted(x_all[held]),
                                                                to_targets(y_held)),
@@ -205,6 +228,25 @@ def load_set(spec: str, teacher_dim: int, starts: bool = False
     raise SystemExit(f"--sets {name}: targets of {s.targets.shape[1]} dims, the teacher's "
                      f"representation has {teacher_dim}: not this teacher's set")
   return name, s
+
+
+def parse_formation(spec: str, pool: int, image_size: tuple[int, int]) -> tuple[int, int]:
+  """`F:N` of `--multi_formation` -> (F, N), refused before any work starts if F does not
+  divide the image size or N * F^2 images are more than the subsets' pool."""
+  factor, sep, n = spec.partition(":")
+  try:
+    factor, n = int(factor), int(n)
+  except ValueError:
+    factor = n = 0
+  if not sep or factor < 1 or n < 1:
+    raise SystemExit(f"--multi_formation {spec!r}: expected F:N with integers F, N >= 1")
+  if image_size[0] % factor or image_size[1] % factor:
+    raise SystemExit(f"--multi_formation {spec}: F = {factor} does not divide the "
+                     f"{image_size[0]}x{image_size[1]} images")
+  if n * factor * factor > pool:
+    raise SystemExit(f"--multi_formation {spec}: {n * factor * factor} images, the pool "
+                     f"outside the held-out ones has {pool}")
+  return factor, n
 
 
 def set_of(line: dict) -> str:
@@ -250,7 +292,10 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
           + " | ".join(readouts) + " | seconds |", "|---|---|---|---|---|---|"
           + "---|" * len(readouts) + "---|"]
   for l in students:
-    out.append(f"| {set_of(l)} | {l['n']} | {l['lr']:.4g} | {l['steps']} | "
+    # A multi-formation set stores n images and trains on more.
+    images = l.get("training_images", l["n"])
+    shown_n = f"{l['n']}" + (f" ({images} images)" if images != l["n"] else "")
+    out.append(f"| {set_of(l)} | {shown_n} | {l['lr']:.4g} | {l['steps']} | "
                f"{l['held_out_rel_error']:.3f} | "
                f"{l['train_rel_error']:.3f} | "
                + " | ".join(f"{100 * l['readouts'][r]:.2f}" for r in readouts)

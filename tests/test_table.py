@@ -142,7 +142,7 @@ def test_plan_rejects_bad_settings(override, message):
     table_stage.plan(load_config(SMOKE, [override]))
 
 
-ROWS = ("none", "random", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
+ROWS = ("none", "random", "random_mf", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
 
 
 def _table_args(workdir, data, other, *extra):
@@ -187,6 +187,11 @@ def test_table_has_every_entry_and_output(small_table):
   for built in ("kip_n12", "frepo_n12", "kmeans_n12", "random_n12_seed0"):
     assert (workdir / "sets" / f"{built}.npz").exists()
   assert synthetic_set.load_synthetic(str(workdir / "sets" / "frepo_n12.npz")).targets.shape == (12, 3)
+  # 12 stored images hold 48 real ones at half resolution, with a target each.
+  mf = synthetic_set.load_synthetic(str(workdir / "sets" / "random_mf2_n12_seed0.npz"))
+  assert mf.images.shape == (48, 16, 16, 3) and mf.targets.shape[0] == 48
+  assert mf.extra["slots"] == 12 and mf.extra["training_images"] == 48
+  assert len(set(mf.extra["indices"])) == 48
 
 
 def test_table_resumes_without_redoing_work_and_accepts_a_new_seed(small_table):

@@ -2,6 +2,11 @@
 
     none     no pretraining (a fresh backbone)
     random   n random real images, teacher targets (a new subset per seed)
+    random_mf IDC's multi-formation of random real images (IDC-I, label-free):
+             n stored images, each the f x f tiles of f^2 random real images
+             downsampled f times (f = eval.multi_formation); the set holds the
+             n * f^2 tiles upsampled back (distill/data/multi_formation.py),
+             teacher targets (a new subset per seed). n counts stored images.
     kmeans   the real image nearest to each of n k-means centroids of the
              teacher's features, teacher targets
     kip      KIP with the ConvNet NTK: images + learned labels (supervised)
@@ -32,7 +37,7 @@ import jax
 import numpy as np
 
 from distill.config import to_dict
-from distill.data import datasets, synthetic_set
+from distill.data import datasets, multi_formation, synthetic_set
 from distill.errors import DistillError
 from distill.methods import kip as kip_lib
 from distill.nn.loop import batch_indices, log, run_loop
@@ -73,6 +78,30 @@ def random_set(config, workdir: str, n: int, seed: int, source, teacher
   return _selected_set(os.path.join(workdir, "sets", f"random_n{n}_seed{seed}.npz"), "random",
                        lambda: coresets.random_subset(len(source.images), n, 1000 + seed),
                        config, workdir, source, teacher)
+
+
+def random_mf_set(config, workdir: str, n: int, seed: int, source, teacher
+                  ) -> synthetic_set.SyntheticSet:
+  """n stored images holding n * f^2 random real images (multi-formation), teacher targets
+  of the decoded images; one subset per evaluation seed."""
+  factor = config.eval.multi_formation
+  path = os.path.join(workdir, "sets", f"random_mf{factor}_n{n}_seed{seed}.npz")
+  if os.path.exists(path):
+    return synthetic_set.load_synthetic(path)
+  t0 = time.perf_counter()
+  idx = coresets.random_subset(len(source.images), n * factor * factor, 3000 + seed)
+  slots = multi_formation.encode(
+      datasets.normalize(source.images[idx], teacher.mean, teacher.std), factor)
+  images = multi_formation.decode(slots, factor)
+  targets = teacher.features(images)
+  out = synthetic_set.SyntheticSet(
+      images=images, targets=targets, labels=None, method="random_mf", source=source.name,
+      teacher="barlow_twins", image_mean=teacher.mean, image_std=teacher.std,
+      config=to_dict(config), step=0,
+      extra=dict(seconds=time.perf_counter() - t0, indices=idx.tolist(),
+                 **multi_formation.storage(n, images.shape[1:], targets.shape[1], factor)))
+  save_set(path, out, workdir, "random_mf")
+  return out
 
 
 def kmeans_set(config, workdir: str, n: int, seed: int, source, teacher
@@ -174,6 +203,7 @@ def _krr_st_set(config, workdir, n, seed, source, teacher, supervised=False):
 ROWS = {
     "none": Row(None, None),
     "random": Row(random_set, ("teacher", "mse")),
+    "random_mf": Row(random_mf_set, ("teacher", "mse")),
     "kmeans": Row(kmeans_set, ("teacher", "mse")),
     "kip": Row(kip_set, ("labels", "mse")),
     "frepo": Row(functools.partial(_krr_st_set, supervised=True), ("labels", "mse")),

@@ -18,7 +18,7 @@ SGD constant lr). Read-outs: ridge probes with all, 5% and 1% of the 50,000
 CIFAR-10 training labels (10,000 test images), MKDT's logistic probe at 5%.
 
 Rows built on demand by `distill table`: none, random, kmeans, krr_st,
-full, teacher by default; kip, frepo, mtt, iadd with --set eval.rows=...
+full, teacher by default; random_mf, kip, frepo, mtt, iadd with --set eval.rows=...
 Recorded (partial: CIFAR-10 target, seeds 0-1 of some rows):
 experiments/results/cifar10_effect.md, with the commands of each entry.
 """
