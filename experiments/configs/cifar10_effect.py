@@ -18,7 +18,7 @@ SGD constant lr). Read-outs: ridge probes with all, 5% and 1% of the 50,000
 CIFAR-10 training labels (10,000 test images), MKDT's logistic probe at 5%.
 
 Rows built on demand by `distill table`: none, random, kmeans, krr_st,
-full, teacher by default; random_mf, kip, frepo, mtt, iadd with --set eval.rows=...
+full, teacher, random_mf by default; kip, frepo, mtt, iadd with --set eval.rows=...
 Recorded (partial: CIFAR-10 target, seeds 0-1 of some rows):
 experiments/results/cifar10_effect.md, with the commands of each entry.
 """
@@ -40,7 +40,9 @@ def get_config(variant: str = ""):
 
   c.pretrain.arch.width = 64
 
-  c.eval.rows = ("none", "random", "kmeans", "krr_st", "full", "teacher")
+  # random_mf: 1,000 stored images holding 4,000 real ones at half resolution
+  # (IDC's multi-formation); 1,000 epochs over them are 15,000 steps.
+  c.eval.rows = ("none", "random", "kmeans", "krr_st", "full", "teacher", "random_mf")
   # `full` regresses the teacher on the whole source for 20 epochs: twice
   # 10 lowers its held-out error from 0.298 to 0.267 and it still falls
   # (experiments/results/full_regression_effect.md).

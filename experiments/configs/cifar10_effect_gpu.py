@@ -50,7 +50,9 @@ def get_config(variant: str = ""):
   c = load_config(os.path.join(HERE, "cifar10_effect.py"))
   c.eval.results_path = os.path.normpath(os.path.join(HERE, "..", "results",
                                                       "cifar10_effect_gpu"))
-  c.eval.rows = ("none", "teacher", "random", "mtt", "krr_st", "full", "kmeans")
+  # random_mf (multi-formation, cifar10_effect_n100_multi_formation.md) is last:
+  # it was added after the recorded run, whose entries stay as they were.
+  c.eval.rows = ("none", "teacher", "random", "mtt", "krr_st", "full", "kmeans", "random_mf")
   c.eval.seeds = (0, 1, 2)
   c.eval.readouts = ("linear_probe_5pct", "linear_probe", "linear_probe_1pct",
                      "mkdt_probe_5pct")
