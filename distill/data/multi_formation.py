@@ -7,7 +7,7 @@ upsampled back to full size. Under a fixed storage budget of n images a set
 then holds n * f^2 training images, at 1/f of the resolution. Where a student
 is limited by the number of distinct images it sees rather than by their
 detail (a student regressing a teacher on 100 images memorises them), that
-trade pays (experiments/results/multi_formation_n100.md).
+trade pays (experiments/results/cifar10_effect_n100_multi_formation.md).
 
 Everything here is numpy in the model's input space, NHWC:
   encode: (n * f^2, H, W, C) images -> (n, H, W, C) slots (what is stored)

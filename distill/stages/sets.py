@@ -48,26 +48,34 @@ from distill.stages.param_match import run_experts, run_param_match, set_path as
 
 
 def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
-              extra: dict | None = None) -> synthetic_set.SyntheticSet:
-  """Real images with teacher targets; `extra.seconds` counts from `t0` (perf_counter)."""
+              formation: int = 1) -> synthetic_set.SyntheticSet:
+  """Real images with teacher targets; `extra.seconds` counts from `t0` (perf_counter).
+
+  With `formation` f > 1 the len(idx) images are stored f x f to a slot and the
+  set holds them decoded (distill/data/multi_formation.py), in the order of `idx`.
+  """
   images = datasets.normalize(source.images[idx], teacher.mean, teacher.std)
+  if formation > 1:
+    images = multi_formation.decode(multi_formation.encode(images, formation), formation)
   targets = teacher.features(images)
+  extra = ({} if formation == 1 else multi_formation.storage(
+      len(idx) // formation ** 2, images.shape[1:], targets.shape[1], formation))
   seconds = time.perf_counter() - t0
   return synthetic_set.SyntheticSet(
       images=images, targets=targets,
       labels=None if source.labels is None else source.labels[idx].astype(np.int32),
       method=method, source=source.name, teacher="barlow_twins", image_mean=teacher.mean,
       image_std=teacher.std, config=to_dict(config), step=0,
-      extra=dict(seconds=seconds, indices=idx.tolist(), **(extra or {})))
+      extra=dict(seconds=seconds, indices=idx.tolist(), **extra))
 
 
-def _selected_set(path: str, method: str, pick, config, workdir: str, source, teacher
-                  ) -> synthetic_set.SyntheticSet:
+def _selected_set(path: str, method: str, pick, config, workdir: str, source, teacher,
+                  formation: int = 1) -> synthetic_set.SyntheticSet:
   """The real images `pick()` selects, with teacher targets; read from `path` if there."""
   if os.path.exists(path):
     return synthetic_set.load_synthetic(path)
   t0 = time.perf_counter()
-  out = _real_set(method, pick(), source, teacher, config, t0)
+  out = _real_set(method, pick(), source, teacher, config, t0, formation)
   save_set(path, out, workdir, method)
   return out
 
@@ -84,24 +92,11 @@ def random_mf_set(config, workdir: str, n: int, seed: int, source, teacher
                   ) -> synthetic_set.SyntheticSet:
   """n stored images holding n * f^2 random real images (multi-formation), teacher targets
   of the decoded images; one subset per evaluation seed."""
-  factor = config.eval.multi_formation
-  path = os.path.join(workdir, "sets", f"random_mf{factor}_n{n}_seed{seed}.npz")
-  if os.path.exists(path):
-    return synthetic_set.load_synthetic(path)
-  t0 = time.perf_counter()
-  idx = coresets.random_subset(len(source.images), n * factor * factor, 3000 + seed)
-  slots = multi_formation.encode(
-      datasets.normalize(source.images[idx], teacher.mean, teacher.std), factor)
-  images = multi_formation.decode(slots, factor)
-  targets = teacher.features(images)
-  out = synthetic_set.SyntheticSet(
-      images=images, targets=targets, labels=None, method="random_mf", source=source.name,
-      teacher="barlow_twins", image_mean=teacher.mean, image_std=teacher.std,
-      config=to_dict(config), step=0,
-      extra=dict(seconds=time.perf_counter() - t0, indices=idx.tolist(),
-                 **multi_formation.storage(n, images.shape[1:], targets.shape[1], factor)))
-  save_set(path, out, workdir, "random_mf")
-  return out
+  f = config.eval.multi_formation
+  return _selected_set(os.path.join(workdir, "sets", f"random_mf{f}_n{n}_seed{seed}.npz"),
+                       "random_mf",
+                       lambda: coresets.random_subset(len(source.images), n * f * f, 3000 + seed),
+                       config, workdir, source, teacher, formation=f)
 
 
 def kmeans_set(config, workdir: str, n: int, seed: int, source, teacher
