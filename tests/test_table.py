@@ -142,6 +142,13 @@ def test_plan_rejects_bad_settings(override, message):
     table_stage.plan(load_config(SMOKE, [override]))
 
 
+def test_plan_rejects_a_multi_formation_factor_below_one_only_where_random_mf_runs():
+  with pytest.raises(DistillError, match="eval.multi_formation must be an integer >= 1"):
+    table_stage.plan(load_config(SMOKE, ["eval.rows=('none', 'random_mf')",
+                                         "eval.multi_formation=0"]))
+  assert table_stage.plan(load_config(SMOKE, ["eval.rows=('none',)", "eval.multi_formation=0"]))
+
+
 ROWS = ("none", "random", "random_mf", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")
 
 
@@ -210,6 +217,17 @@ def test_a_changed_protocol_setting_is_refused(small_table, capsys):
   _, args = small_table
   assert main(args("--set", "finetune.epochs=2")) == 2
   assert "finetune.epochs" in capsys.readouterr().err
+
+
+def test_a_factor_that_does_not_divide_the_images_is_refused_before_any_row(
+    smoke_run, blobs_npz, tmp_path, capsys):
+  shutil.copytree(smoke_run / "teacher", tmp_path / "teacher")
+  args = smoke_args("table", tmp_path, blobs_npz, "--set", "eval.rows=('none', 'random_mf')",
+                    "--set", "eval.multi_formation=3", "--set", "eval.seeds=(0,)")
+  assert main(args) == 2
+  err = capsys.readouterr().err
+  assert "factor 3 does not divide the image size 16x16" in err, err
+  assert not (tmp_path / "table.json").exists() and not (tmp_path / "sets").exists()
 
 
 def test_size_sweep_plan_and_plot(tmp_path):

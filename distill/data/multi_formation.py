@@ -24,7 +24,9 @@ import numpy as np
 from distill.errors import DistillError
 
 
-def _check(shape: tuple, factor: int, what: str) -> None:
+def check(shape: tuple, factor: int, what: str) -> None:
+  """Raises DistillError unless `factor` is an integer >= 1 dividing the (N, H, W, C)
+  `shape`'s height and width; `what` names the caller in the message."""
   if not isinstance(factor, (int, np.integer)) or factor < 1:
     raise DistillError(f"multi-formation factor must be an integer >= 1, got {factor!r}")
   if len(shape) != 4:
@@ -36,7 +38,7 @@ def _check(shape: tuple, factor: int, what: str) -> None:
 
 def downsample(images: np.ndarray, factor: int) -> np.ndarray:
   """(N, H, W, C) -> (N, H/f, W/f, C), the mean of each f x f block."""
-  _check(images.shape, factor, "downsample")
+  check(images.shape, factor, "downsample")
   n, h, w, c = images.shape
   return images.reshape(n, h // factor, factor, w // factor, factor, c).mean((2, 4))
 
@@ -68,7 +70,7 @@ def mosaic(tiles: np.ndarray, factor: int) -> np.ndarray:
 
 def tiles_of(slots: np.ndarray, factor: int) -> np.ndarray:
   """The inverse of `mosaic`: (N, H, W, C) -> (N * f^2, H/f, W/f, C)."""
-  _check(slots.shape, factor, "tiles_of")
+  check(slots.shape, factor, "tiles_of")
   n, hh, ww, c = slots.shape
   h, w = hh // factor, ww // factor
   grid = slots.reshape(n, factor, h, factor, w, c).transpose(0, 1, 3, 2, 4, 5)

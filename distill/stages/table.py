@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from distill import files, plots
-from distill.data import datasets
+from distill.data import datasets, multi_formation
 from distill.errors import DistillError
 from distill.eval import table, transfer
 from distill.nn.loop import log
@@ -51,6 +51,10 @@ def plan(config) -> list[table.Job]:
                        f"got {tuple(ev.readouts)}")
   if not ev.seeds:
     raise DistillError("eval.seeds is empty")
+  if "random_mf" in (*ev.rows, *ev.sweep_rows):
+    f = ev.multi_formation
+    if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+      raise DistillError(f"eval.multi_formation must be an integer >= 1, got {f!r}")
   if config.probe.representation not in FEATURE_KINDS:
     raise DistillError(f"unknown probe.representation {config.probe.representation!r}; "
                        f"expected one of {FEATURE_KINDS}")
@@ -129,6 +133,10 @@ def run_table(config, workdir: str) -> dict:
   teacher = workdir_teacher(config, workdir)
   source = load_source(config)
   image_shape = source.images.shape[1:]
+  if any("random_mf" in job.rows for job in jobs):
+    # Refused here, before any row is measured, rather than when its set is built.
+    multi_formation.check((1, *image_shape), config.eval.multi_formation,
+                          "eval.multi_formation on the source's images")
   path = os.path.join(workdir, "table.json")
   results = files.read_json(path, {"runs": []})
   done = {table.run_key(r) for r in results["runs"]}
