@@ -99,6 +99,11 @@ def test_published_tables_name_data_without_this_machines_prefix(tmp_path, monke
   assert table.shown_path("../data/x.tar.gz") == "../data/x.tar.gz"  # relative: as given
   assert table.shown_path(str(tmp_path / "teachers" / "t1")) == "teachers/t1"
   assert table.shown_path("/elsewhere/data/cifar10-jpg.tar.gz/") == "cifar10-jpg.tar.gz"
+  # The table file records an imported teacher's folder the same way; a trained one has none.
+  imported = table_stage.teacher_record(
+      {"probe": {"accuracy": 0.66}, "imported_from": str(tmp_path / "teachers" / "t1")})
+  assert imported == {"probe": 0.66, "train_seconds": None, "imported_from": "teachers/t1"}
+  assert table_stage.teacher_record({"train_seconds": 9.0})["imported_from"] is None
 
 
 def test_table_figure_has_a_panel_per_target_and_readout(tmp_path):

@@ -174,10 +174,22 @@ def run_table(config, workdir: str) -> dict:
                 f"seed {seed}: {100 * acc:.2f}%")
             results = add_runs(path, [run])
             done |= {table.run_key(r) for r in results["runs"]}
-  results["teacher"] = {"probe": teacher.info.get("probe", {}).get("accuracy"),
-                        "train_seconds": teacher.info.get("train_seconds"),
-                        "imported_from": teacher.info.get("imported_from")}
+  results["teacher"] = teacher_record(teacher.info)
   return write_outputs(results, config, workdir)
+
+
+def teacher_record(info: dict) -> dict:
+  """The teacher as a table file records it, from its card's `info`.
+
+  Returns:
+    {"probe": its linear-probe accuracy, "train_seconds", "imported_from"}: the
+    folder it was imported from as a published table names it (`shown_path`), so
+    a committed table carries no machine's absolute path.
+  """
+  origin = info.get("imported_from")
+  return {"probe": info.get("probe", {}).get("accuracy"),
+          "train_seconds": info.get("train_seconds"),
+          "imported_from": table.shown_path(origin) if origin else None}
 
 
 def add_runs(path: str, runs: list[dict], info: dict | None = None) -> dict:
