@@ -14,6 +14,11 @@ shorter one, so each (set, n, lr) is one resumed run):
   the head's prediction of the teacher's representation on source images
   outside the subset (1 - R^2 in the training targets' space), and the same
   on the subset itself (how far it is memorised);
+* with `--multi_formation`, the held-out error again on the held-out images
+  at the set's resolution (each f x f block averaged, upsampled back, with
+  the teacher's view of them as targets): a student that predicts the
+  teacher there but not on the full images lost to the resolution, not to
+  unseen images;
 * for information only, probe read-outs on the target (the length and lr
   are chosen by the held-out error, never by these).
 
@@ -127,6 +132,14 @@ def main(argv=None) -> int:
                 for spec in args.multi_formation]
   x_all = datasets.normalize(source.images, teacher.mean, teacher.std)
   y_held = teacher.features(x_all[held])
+  # The held-out images as a multi-formation set shows them (each f x f block
+  # averaged, upsampled back), with the teacher's view of those: the error
+  # there separates a student's fit to unseen images from its fit to their
+  # full resolution.
+  formed_held = {}
+  for factor in sorted({f for f, _ in formations}):
+    x_formed = multi_formation.upsample(multi_formation.downsample(x_all[held], factor), factor)
+    formed_held[factor] = (x_formed, teacher.features(x_formed))
   target = artefacts.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
   p = config.probe
 
@@ -204,6 +217,9 @@ def main(argv=None) -> int:
                     held_out_rel_error=transfer.relative_error(predicted(x_all[held]),
                                                                to_targets(y_held)),
                     train_rel_error=transfer.relative_error(predicted(x_set), to_targets(y_set)),
+                    held_out_rel_error_formed={
+                        str(f): transfer.relative_error(predicted(x_f), to_targets(y_f))
+                        for f, (x_f, y_f) in formed_held.items()},
                     pretrain_seconds=seconds, readouts=read_out(model, variables)))
   write_report(lines, args, config, teacher)
   return 0
@@ -278,7 +294,9 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
          f"(constant lr, momentum {config.pretrain.momentum}, wd "
          f"{config.pretrain.weight_decay}), batch {config.pretrain.batch_size}, no augmentation. "
          f"Held-out error on {args.held_out} source images outside every subset (less any a "
-         f"learned set started from). Read-outs "
+         f"learned set started from); at 1/f resolution: the same images with each f x f "
+         f"block averaged and upsampled back, as a multi-formation set shows its images, "
+         f"against the teacher's view of those. Read-outs "
          f"(information only) on {table.shown_path(config.data.target)}: ridge probes, reg by "
          f"{config.probe.folds}-fold CV, low-label ones averaged over {config.probe.label_draws} "
          f"draws. `seconds`: the wall time of the segment since the previous length (a "
@@ -288,16 +306,23 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
          "| | " + " | ".join(readouts) + " |", "|---|" + "---|" * len(readouts)]
   for kind, values in refs.items():
     out.append(f"| {kind} | " + " | ".join(f"{100 * values[r]:.2f}" for r in readouts) + " |")
-  out += ["", "| set | n | lr | steps | held-out rel. error | train rel. error | "
+  # Factors whose formed held-out error some student records (older points lack it).
+  formed = sorted({f for l in students for f in l.get("held_out_rel_error_formed", {})},
+                  key=int)
+  out += ["", "| set | n | lr | steps | held-out rel. error | "
+          + "".join(f"held-out at 1/{f} resolution | " for f in formed) + "train rel. error | "
           + " | ".join(readouts) + " | seconds |", "|---|---|---|---|---|---|"
-          + "---|" * len(readouts) + "---|"]
+          + "---|" * (len(formed) + len(readouts)) + "---|"]
   for l in students:
     # A multi-formation set stores n images and trains on more.
     images = l.get("training_images", l["n"])
     shown_n = f"{l['n']}" + (f" ({images} images)" if images != l["n"] else "")
     out.append(f"| {set_of(l)} | {shown_n} | {l['lr']:.4g} | {l['steps']} | "
                f"{l['held_out_rel_error']:.3f} | "
-               f"{l['train_rel_error']:.3f} | "
+               + "".join(f"{l['held_out_rel_error_formed'][f]:.3f} | "
+                         if f in l.get("held_out_rel_error_formed", {}) else "- | "
+                         for f in formed)
+               + f"{l['train_rel_error']:.3f} | "
                + " | ".join(f"{100 * l['readouts'][r]:.2f}" for r in readouts)
                + f" | {l['pretrain_seconds']:.0f} |")
   files.write_atomic(args.out + ".md", "\n".join(out) + "\n")
@@ -308,7 +333,13 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
     run = [l for l in students if run_of(l) == key]
     x = [max(l["steps"], 1) for l in run]
     label = f"{key[0]} n={key[1]}, lr={key[2]:.3g}"
-    axes[0].plot(x, [l["held_out_rel_error"] for l in run], "o-", label=label)
+    line, = axes[0].plot(x, [l["held_out_rel_error"] for l in run], "o-", label=label)
+    for f in formed:
+      points = [(xi, l["held_out_rel_error_formed"][f])
+                for xi, l in zip(x, run) if f in l.get("held_out_rel_error_formed", {})]
+      if points:
+        axes[0].plot(*zip(*points), "x--", color=line.get_color(),
+                     label=f"{label}, at 1/{f} resolution")
     for ax, r in zip(axes[1:], readouts):
       ax.plot(x, [100 * l["readouts"][r] for l in run], "o-", label=label)
   axes[0].set(xscale="log", xlabel="pretraining steps (0 plotted at 1)",
@@ -319,6 +350,8 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
         ax.axhline(100 * refs[kind][r], color=style[0], ls="--", label=kind)
     ax.set(xscale="log", xlabel="pretraining steps", ylabel="top-1 (%)", title=r)
   axes[-1].legend(fontsize=7)
+  if formed:  # the dashed curves are named only here
+    axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(args.out + ".png", dpi=100)
 
