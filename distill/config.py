@@ -314,6 +314,8 @@ def base_config() -> ml_collections.ConfigDict:
       sweep_rows=("random", "krr_st"),
       full_epochs=10,          # pretraining epochs of the "full" row
       multi_formation=2,       # random_mf row: real images per stored image = this^2 (IDC)
+      multi_formation_full=0.0,  # random_mf row: share of stored images kept at full
+                               # resolution, one real image each (a mixed set)
       results_path="",         # also write <results_path>.{md,json,csv,png}
   ))
 

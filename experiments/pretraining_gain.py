@@ -41,7 +41,9 @@ the control that separates what the optimiser did from where it started
 (distill/data/multi_formation.py): N * F^2 random real images, each
 downsampled F times, stored F x F to an image and trained on upsampled back,
 with the teacher's targets; `n` is then the N stored images, and the
-students' epochs run over the N * F^2 images they train on.
+students' epochs run over the N * F^2 images they train on. `F:N:K` keeps K
+of the N stored images at full resolution, one real image each (a mixed set
+of K + (N - K) * F^2 images, the row `random_mf{F}_full{K}`).
 
 Command (from the repository root; the teacher is the workdir's, or the
 config's `teacher.checkpoint`):
@@ -100,9 +102,10 @@ def main(argv=None) -> int:
                       help="pretraining lengths to read out (rounded up to whole epochs)")
   parser.add_argument("--starts", action="store_true",
                       help="also follow the real images each learned set started from")
-  parser.add_argument("--multi_formation", nargs="*", default=[], metavar="F:N",
+  parser.add_argument("--multi_formation", nargs="*", default=[], metavar="F:N[:K]",
                       help="also follow N stored images of IDC's multi-formation: N*F^2 random "
-                           "real images downsampled F times and upsampled back, teacher targets")
+                           "real images downsampled F times and upsampled back, teacher "
+                           "targets; K of the N kept at full resolution, one image each")
   parser.add_argument("--lrs", type=float, nargs="+", default=[],
                       help="pretraining learning rates (default: the config's)")
   parser.add_argument("--readouts", nargs="+", default=["linear_probe_5pct", "linear_probe"])
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
   # there separates a student's fit to unseen images from its fit to their
   # full resolution.
   formed_held = {}
-  for factor in sorted({f for f, _ in formations}):
+  for factor in sorted({f for f, _, _ in formations}):
     x_formed = multi_formation.upsample(multi_formation.downsample(x_all[held], factor), factor)
     formed_held[factor] = (x_formed, teacher.features(x_formed))
   target = artefacts.load_target(config, source.images.shape[1:], teacher.mean, teacher.std)
@@ -172,12 +175,15 @@ def main(argv=None) -> int:
   for n in args.sizes:
     subset = pool[coresets.random_subset(len(pool), n, 1000 + args.seed)]
     runs.append(("random", n, x_all[subset], teacher.features(x_all[subset]), "teacher", []))
-  for factor, n in formations:
-    # Stored images each holding factor^2 real ones (distill/data/multi_formation.py);
-    # the subset is drawn apart from `random`'s.
-    subset = pool[coresets.random_subset(len(pool), n * factor * factor, 5000 + args.seed)]
-    x_mf = multi_formation.decode(multi_formation.encode(x_all[subset], factor), factor)
-    runs.append((f"random_mf{factor}", n, x_mf, teacher.features(x_mf), "teacher", []))
+  for factor, n, full in formations:
+    # Stored images each holding factor^2 real ones (distill/data/multi_formation.py),
+    # the first `full` one each; the subset is drawn apart from `random`'s.
+    count = full + (n - full) * factor * factor
+    subset = pool[coresets.random_subset(len(pool), count, 5000 + args.seed)]
+    x_mf = multi_formation.decode(multi_formation.encode(x_all[subset], factor, full),
+                                  factor, full)
+    runs.append((f"random_mf{factor}" + (f"_full{full}" if full else ""), n, x_mf,
+                 teacher.features(x_mf), "teacher", []))
   for name, s in saved:
     own = [float(s.extra["alpha"])] if args.set_lr and "alpha" in s.extra else []
     runs.append((name, len(s.images), s.images, s.targets, "learned", own))
@@ -246,23 +252,28 @@ def load_set(spec: str, teacher_dim: int, starts: bool = False
   return name, s
 
 
-def parse_formation(spec: str, pool: int, image_size: tuple[int, int]) -> tuple[int, int]:
-  """`F:N` of `--multi_formation` -> (F, N), refused before any work starts if F does not
-  divide the image size or N * F^2 images are more than the subsets' pool."""
-  factor, sep, n = spec.partition(":")
+def parse_formation(spec: str, pool: int, image_size: tuple[int, int]
+                    ) -> tuple[int, int, int]:
+  """`F:N[:K]` of `--multi_formation` -> (F, N, K), refused before any work starts if F
+  does not divide the image size, K is not in [0, N] or the set's images are more than
+  the subsets' pool."""
+  parts = spec.split(":")
   try:
-    factor, n = int(factor), int(n)
+    factor, n, full = (int(v) for v in (parts + ["0"])[:3])
   except ValueError:
     factor = n = 0
-  if not sep or factor < 1 or n < 1:
-    raise SystemExit(f"--multi_formation {spec!r}: expected F:N with integers F, N >= 1")
+    full = -1
+  if len(parts) not in (2, 3) or factor < 1 or n < 1 or not 0 <= full <= n:
+    raise SystemExit(f"--multi_formation {spec!r}: expected F:N or F:N:K with integers "
+                     f"F, N >= 1 and 0 <= K <= N")
   if image_size[0] % factor or image_size[1] % factor:
     raise SystemExit(f"--multi_formation {spec}: F = {factor} does not divide the "
                      f"{image_size[0]}x{image_size[1]} images")
-  if n * factor * factor > pool:
-    raise SystemExit(f"--multi_formation {spec}: {n * factor * factor} images, the pool "
+  count = full + (n - full) * factor * factor
+  if count > pool:
+    raise SystemExit(f"--multi_formation {spec}: {count} images, the pool "
                      f"outside the held-out ones has {pool}")
-  return factor, n
+  return factor, n, full
 
 
 def set_of(line: dict) -> str:

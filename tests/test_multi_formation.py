@@ -62,7 +62,33 @@ def test_storage_counts_pixels_and_one_target_per_training_image():
   assert mf.storage(10, (32, 32, 3), 1024, 1)["equal_storage_images"] == pytest.approx(10.0)
 
 
+def test_a_mixed_set_keeps_its_full_slots_as_they_are_and_forms_the_rest():
+  x = _images(2 + 3 * 4)
+  slots = mf.encode(x, 2, full=2)
+  assert slots.shape == (5, 8, 8, 3)
+  np.testing.assert_array_equal(slots[:2], x[:2])
+  np.testing.assert_allclose(slots[2:], mf.encode(x[2:], 2))
+  decoded = mf.decode(slots, 2, full=2)
+  assert decoded.shape == x.shape
+  np.testing.assert_array_equal(decoded[:2], x[:2])
+  np.testing.assert_allclose(decoded[2:], mf.decode(mf.encode(x[2:], 2), 2), atol=1e-6)
+  # Every slot full: the images themselves; no slot full: the plain formation.
+  np.testing.assert_array_equal(mf.decode(mf.encode(x[:3], 2, 3), 2, 3), x[:3])
+  np.testing.assert_array_equal(mf.encode(x[2:], 2, 0), mf.encode(x[2:], 2))
+
+
+def test_storage_of_a_mixed_set_counts_one_target_per_full_slot():
+  s = mf.storage(100, (32, 32, 3), 1024, 2, full=40)
+  assert s["training_images"] == 40 + 60 * 4 and s["full_resolution_slots"] == 40
+  assert s["stored_numbers"] == 100 * 3072 + 280 * 1024
+  # All slots full: a plain set of real images.
+  assert mf.storage(10, (32, 32, 3), 1024, 2, full=10)["equal_storage_images"] == \
+      pytest.approx(10.0)
+
+
 @pytest.mark.parametrize("call, message", [
+    (lambda: mf.encode(_images(4), 2, full=5), "must be an integer in \\[0, 4\\], got 5"),
+    (lambda: mf.decode(_images(4), 2, full=-1), "must be an integer in \\[0, 4\\], got -1"),
     (lambda: mf.encode(_images(4, size=6), 4), "does not divide the image size 6x6"),
     (lambda: mf.encode(_images(4), 0), "integer >= 1"),
     (lambda: mf.mosaic(_images(6, size=4), 2), "6 tiles do not fill slots of 2x2"),

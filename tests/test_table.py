@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import shutil
+from types import SimpleNamespace
 
 import jax
 import ml_collections
@@ -152,6 +153,24 @@ def test_plan_rejects_a_multi_formation_factor_below_one_only_where_random_mf_ru
     table_stage.plan(load_config(SMOKE, ["eval.rows=('none', 'random_mf')",
                                          "eval.multi_formation=0"]))
   assert table_stage.plan(load_config(SMOKE, ["eval.rows=('none',)", "eval.multi_formation=0"]))
+  with pytest.raises(DistillError, match="eval.multi_formation_full must be a share in"):
+    table_stage.plan(load_config(SMOKE, ["eval.rows=('none', 'random_mf')",
+                                         "eval.multi_formation_full=1.5"]))
+
+
+def test_random_mf_row_with_a_full_resolution_share_builds_a_mixed_set(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (60, 8, 8, 3), dtype=np.uint8)
+  source = SimpleNamespace(images=images, labels=None, name="blobs")
+  teacher = SimpleNamespace(mean=np.zeros(3), std=np.ones(3),
+                            features=lambda x: x.reshape(len(x), -1)[:, :5])
+  config = load_config(SMOKE, ["eval.multi_formation=2", "eval.multi_formation_full=0.25"])
+  s = sets.random_mf_set(config, str(tmp_path), 8, 0, source, teacher)
+  # 8 stored images: 2 full-resolution ones, 6 of 4 tiles each.
+  assert s.images.shape == (2 + 24, 8, 8, 3) and s.targets.shape == (26, 5)
+  assert s.extra["full_resolution_slots"] == 2 and s.extra["training_images"] == 26
+  first = np.asarray(s.extra["indices"][:2])
+  np.testing.assert_allclose(s.images[:2], images[first] / 255.0, atol=1e-6)
+  assert (tmp_path / "sets" / "random_mf2_full0.25_n8_seed0.npz").exists()
 
 
 ROWS = ("none", "random", "random_mf", "kmeans", "kip", "frepo", "krr_st", "full", "teacher")

@@ -9,10 +9,16 @@ is limited by the number of distinct images it sees rather than by their
 detail (a student regressing a teacher on 100 images memorises them), that
 trade pays (experiments/results/cifar10_effect_n100_multi_formation.md).
 
+A mixed set keeps its first `full` slots at full resolution, one image
+each, and forms the rest: where a student loses on full-resolution images
+what it gains from more of them (the n = 1,000 diagnostic in that file), part
+of the budget buys back the detail.
+
 Everything here is numpy in the model's input space, NHWC:
-  encode: (n * f^2, H, W, C) images -> (n, H, W, C) slots (what is stored)
-  decode: (n, H, W, C) slots -> (n * f^2, H, W, C) training images
-decode(encode(x)) is x averaged over f x f blocks and upsampled bilinearly.
+  encode: (full + (n - full) * f^2, H, W, C) images -> (n, H, W, C) slots (stored)
+  decode: (n, H, W, C) slots -> (full + (n - full) * f^2, H, W, C) training images
+decode(encode(x)) is x for the first `full` images and the rest averaged over
+f x f blocks and upsampled bilinearly.
 """
 
 from __future__ import annotations
@@ -77,25 +83,41 @@ def tiles_of(slots: np.ndarray, factor: int) -> np.ndarray:
   return grid.reshape(n * factor * factor, h, w, c)
 
 
-def encode(images: np.ndarray, factor: int) -> np.ndarray:
-  """(N * f^2, H, W, C) full-size images -> (N, H, W, C) stored slots."""
-  return mosaic(downsample(images, factor), factor)
+def _check_full(full: int, count: int, what: str) -> None:
+  if not isinstance(full, (int, np.integer)) or not 0 <= full <= count:
+    raise DistillError(f"{what}: `full` (slots kept at full resolution) must be an integer "
+                       f"in [0, {count}], got {full!r}")
 
 
-def decode(slots: np.ndarray, factor: int) -> np.ndarray:
-  """(N, H, W, C) stored slots -> (N * f^2, H, W, C) training images."""
-  return upsample(tiles_of(slots, factor), factor)
+def encode(images: np.ndarray, factor: int, full: int = 0) -> np.ndarray:
+  """(full + N * f^2, H, W, C) full-size images -> (full + N, H, W, C) stored slots; the
+  first `full` images are stored as they are."""
+  _check_full(full, len(images), "encode")
+  return np.concatenate([np.asarray(images[:full], np.float32),
+                         mosaic(downsample(images[full:], factor), factor)])
 
 
-def storage(slots: int, image_shape: tuple, target_dim: int, factor: int) -> dict:
+def decode(slots: np.ndarray, factor: int, full: int = 0) -> np.ndarray:
+  """(full + N, H, W, C) stored slots -> (full + N * f^2, H, W, C) training images; the
+  first `full` slots are images already."""
+  _check_full(full, len(slots), "decode")
+  return np.concatenate([np.asarray(slots[:full], np.float32),
+                         upsample(tiles_of(slots[full:], factor), factor)])
+
+
+def storage(slots: int, image_shape: tuple, target_dim: int, factor: int,
+            full: int = 0) -> dict:
   """What a multi-formation set stores against real images with one target each.
 
-  Each of the `slots` stored images carries f^2 training images and so f^2
-  target vectors: the set holds slots * (H*W*C + f^2 * d) numbers, which a
-  plain set of `equal_storage_images` real images (H*W*C + d numbers each)
-  also holds.
+  Each formed slot carries f^2 training images and so f^2 target vectors, each
+  of the `full` others one of each: the set holds
+  slots * H*W*C + (full + (slots - full) * f^2) * d numbers, which a plain set
+  of `equal_storage_images` real images (H*W*C + d numbers each) also holds.
   """
+  _check_full(full, slots, "storage")
   pixels = int(np.prod(image_shape))
-  numbers = slots * (pixels + factor * factor * target_dim)
-  return dict(slots=slots, factor=factor, training_images=slots * factor * factor,
-              stored_numbers=numbers, equal_storage_images=numbers / (pixels + target_dim))
+  training = full + (slots - full) * factor * factor
+  numbers = slots * pixels + training * target_dim
+  return dict(slots=slots, factor=factor, full_resolution_slots=full,
+              training_images=training, stored_numbers=numbers,
+              equal_storage_images=numbers / (pixels + target_dim))

@@ -6,7 +6,9 @@
              n stored images, each the f x f tiles of f^2 random real images
              downsampled f times (f = eval.multi_formation); the set holds the
              n * f^2 tiles upsampled back (distill/data/multi_formation.py),
-             teacher targets (a new subset per seed). n counts stored images.
+             teacher targets (a new subset per seed). n counts stored images;
+             a share eval.multi_formation_full of them holds one full-resolution
+             image each (a mixed set).
     kmeans   the real image nearest to each of n k-means centroids of the
              teacher's features, teacher targets
     kip      KIP with the ConvNet NTK: images + learned labels (supervised)
@@ -48,18 +50,21 @@ from distill.stages.param_match import run_experts, run_param_match, set_path as
 
 
 def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
-              formation: int = 1) -> synthetic_set.SyntheticSet:
+              formation: int = 1, full: int = 0) -> synthetic_set.SyntheticSet:
   """Real images with teacher targets; `extra.seconds` counts from `t0` (perf_counter).
 
-  With `formation` f > 1 the len(idx) images are stored f x f to a slot and the
-  set holds them decoded (distill/data/multi_formation.py), in the order of `idx`.
+  With `formation` f > 1 the images after the first `full` are stored f x f to
+  a slot and the set holds them decoded (distill/data/multi_formation.py), in
+  the order of `idx`.
   """
   images = datasets.normalize(source.images[idx], teacher.mean, teacher.std)
   if formation > 1:
-    images = multi_formation.decode(multi_formation.encode(images, formation), formation)
+    images = multi_formation.decode(multi_formation.encode(images, formation, full),
+                                    formation, full)
   targets = teacher.features(images)
   extra = ({} if formation == 1 else multi_formation.storage(
-      len(idx) // formation ** 2, images.shape[1:], targets.shape[1], formation))
+      full + (len(idx) - full) // formation ** 2, images.shape[1:], targets.shape[1],
+      formation, full))
   seconds = time.perf_counter() - t0
   return synthetic_set.SyntheticSet(
       images=images, targets=targets,
@@ -70,12 +75,12 @@ def _real_set(method: str, idx: np.ndarray, source, teacher, config, t0: float,
 
 
 def _selected_set(path: str, method: str, pick, config, workdir: str, source, teacher,
-                  formation: int = 1) -> synthetic_set.SyntheticSet:
+                  formation: int = 1, full: int = 0) -> synthetic_set.SyntheticSet:
   """The real images `pick()` selects, with teacher targets; read from `path` if there."""
   if os.path.exists(path):
     return synthetic_set.load_synthetic(path)
   t0 = time.perf_counter()
-  out = _real_set(method, pick(), source, teacher, config, t0, formation)
+  out = _real_set(method, pick(), source, teacher, config, t0, formation, full)
   save_set(path, out, workdir, method)
   return out
 
@@ -91,12 +96,17 @@ def random_set(config, workdir: str, n: int, seed: int, source, teacher
 def random_mf_set(config, workdir: str, n: int, seed: int, source, teacher
                   ) -> synthetic_set.SyntheticSet:
   """n stored images holding n * f^2 random real images (multi-formation), teacher targets
-  of the decoded images; one subset per evaluation seed."""
+  of the decoded images; one subset per evaluation seed. With a share
+  `eval.multi_formation_full` the first round(share * n) stored images hold one
+  full-resolution image each."""
   f = config.eval.multi_formation
-  return _selected_set(os.path.join(workdir, "sets", f"random_mf{f}_n{n}_seed{seed}.npz"),
-                       "random_mf",
-                       lambda: coresets.random_subset(len(source.images), n * f * f, 3000 + seed),
-                       config, workdir, source, teacher, formation=f)
+  share = config.eval.get("multi_formation_full", 0.0)
+  full = round(share * n) if f > 1 else 0
+  name = f"random_mf{f}" + (f"_full{share:g}" if full else "") + f"_n{n}_seed{seed}.npz"
+  return _selected_set(os.path.join(workdir, "sets", name), "random_mf",
+                       lambda: coresets.random_subset(len(source.images), full + (n - full) * f * f,
+                                                      3000 + seed),
+                       config, workdir, source, teacher, formation=f, full=full)
 
 
 def kmeans_set(config, workdir: str, n: int, seed: int, source, teacher

@@ -55,6 +55,9 @@ def plan(config) -> list[table.Job]:
     f = ev.multi_formation
     if not isinstance(f, int) or isinstance(f, bool) or f < 1:
       raise DistillError(f"eval.multi_formation must be an integer >= 1, got {f!r}")
+    share = ev.get("multi_formation_full", 0.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+      raise DistillError(f"eval.multi_formation_full must be a share in [0, 1], got {share!r}")
   if config.probe.representation not in FEATURE_KINDS:
     raise DistillError(f"unknown probe.representation {config.probe.representation!r}; "
                        f"expected one of {FEATURE_KINDS}")
