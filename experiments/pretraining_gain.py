@@ -360,6 +360,15 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
       if kind in refs:
         ax.axhline(100 * refs[kind][r], color=style[0], ls="--", label=kind)
     ax.set(xscale="log", xlabel="pretraining steps", ylabel="top-1 (%)", title=r)
+  xs = [x for ax in axes for line in ax.get_lines() for x in line.get_xdata()
+        if line.get_label() not in ("none", "teacher")]
+  if xs and max(xs) < 2 * min(xs):
+    # Lengths within a factor of 2 (3,000 and 3,006 steps when the epochs
+    # differ) span no decade: a log axis would label them with overlapping
+    # minor ticks or not at all.
+    for ax in axes:
+      ax.set_xscale("linear")
+      ax.ticklabel_format(axis="x", style="plain", useOffset=False)
   axes[-1].legend(fontsize=7)
   if formed:  # the dashed curves are named only here
     axes[0].legend(fontsize=7)
