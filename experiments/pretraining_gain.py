@@ -178,7 +178,7 @@ def main(argv=None) -> int:
   for factor, n, full in formations:
     # Stored images each holding factor^2 real ones (distill/data/multi_formation.py),
     # the first `full` one each; the subset is drawn apart from `random`'s.
-    count = full + (n - full) * factor * factor
+    count = multi_formation.image_count(n, factor, full)
     subset = pool[coresets.random_subset(len(pool), count, 5000 + args.seed)]
     x_mf = multi_formation.decode(multi_formation.encode(x_all[subset], factor, full),
                                   factor, full)
@@ -269,7 +269,7 @@ def parse_formation(spec: str, pool: int, image_size: tuple[int, int]
   if image_size[0] % factor or image_size[1] % factor:
     raise SystemExit(f"--multi_formation {spec}: F = {factor} does not divide the "
                      f"{image_size[0]}x{image_size[1]} images")
-  count = full + (n - full) * factor * factor
+  count = multi_formation.image_count(n, factor, full)
   if count > pool:
     raise SystemExit(f"--multi_formation {spec}: {count} images, the pool "
                      f"outside the held-out ones has {pool}")
@@ -360,8 +360,7 @@ def write_report(lines: list[dict], args, config, teacher) -> None:
       if kind in refs:
         ax.axhline(100 * refs[kind][r], color=style[0], ls="--", label=kind)
     ax.set(xscale="log", xlabel="pretraining steps", ylabel="top-1 (%)", title=r)
-  xs = [x for ax in axes for line in ax.get_lines() for x in line.get_xdata()
-        if line.get_label() not in ("none", "teacher")]
+  xs = [max(l["steps"], 1) for l in students]   # as plotted
   if xs and max(xs) < 2 * min(xs):
     # Lengths within a factor of 2 (3,000 and 3,006 steps when the epochs
     # differ) span no decade: a log axis would label them with overlapping

@@ -89,6 +89,12 @@ def _check_full(full: int, count: int, what: str) -> None:
                        f"in [0, {count}], got {full!r}")
 
 
+def image_count(slots: int, factor: int, full: int = 0) -> int:
+  """The training images `slots` stored images hold, the first `full` one each."""
+  _check_full(full, slots, "image_count")
+  return full + (slots - full) * factor * factor
+
+
 def encode(images: np.ndarray, factor: int, full: int = 0) -> np.ndarray:
   """(full + N * f^2, H, W, C) full-size images -> (full + N, H, W, C) stored slots; the
   first `full` images are stored as they are."""
@@ -114,9 +120,8 @@ def storage(slots: int, image_shape: tuple, target_dim: int, factor: int,
   slots * H*W*C + (full + (slots - full) * f^2) * d numbers, which a plain set
   of `equal_storage_images` real images (H*W*C + d numbers each) also holds.
   """
-  _check_full(full, slots, "storage")
   pixels = int(np.prod(image_shape))
-  training = full + (slots - full) * factor * factor
+  training = image_count(slots, factor, full)
   numbers = slots * pixels + training * target_dim
   return dict(slots=slots, factor=factor, full_resolution_slots=full,
               training_images=training, stored_numbers=numbers,

@@ -104,7 +104,8 @@ def random_mf_set(config, workdir: str, n: int, seed: int, source, teacher
   full = round(share * n) if f > 1 else 0
   name = f"random_mf{f}" + (f"_full{share:g}" if full else "") + f"_n{n}_seed{seed}.npz"
   return _selected_set(os.path.join(workdir, "sets", name), "random_mf",
-                       lambda: coresets.random_subset(len(source.images), full + (n - full) * f * f,
+                       lambda: coresets.random_subset(len(source.images),
+                                                      multi_formation.image_count(n, f, full),
                                                       3000 + seed),
                        config, workdir, source, teacher, formation=f, full=full)
 
