@@ -61,6 +61,14 @@ config's `teacher.checkpoint`):
       --workdir runs/mf/w --sizes 100 175 400 --multi_formation 2:100 --seed 0 --steps 1000 \
       --out experiments/results/multi_formation_gain_seed0
 
+The read-outs are on the config's target; another target (the issue's
+Imagenette-32, say) is a `--set` away and needs its own --out:
+  python experiments/pretraining_gain.py --config experiments/configs/cifar10_effect.py \
+      --workdir runs/mf/w --sizes 1000 --multi_formation 2:1000:500 --seed 1 --steps 3000 \
+      --set data.target=../shared/data/imagenette32-png.tar.gz \
+      --set data.target_train_split=train --set data.target_test_split=val \
+      --out experiments/results/multi_formation_mixed_n1000_seed1_imagenette32
+
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
 keeps its points and resumes its students), <out>.md and <out>.png.
 """
@@ -117,6 +125,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = load_config(args.config, args.set)
+  lines = []
+  if os.path.exists(args.out + ".jsonl"):
+    with open(args.out + ".jsonl") as f:
+      lines = [json.loads(line) for line in f if line.strip()]
+  # Points read on another target cannot share a report: refuse before any
+  # work (points written before the target was recorded carry none).
+  target_name = shown_target(config)
+  other = {l["target"] for l in lines if "target" in l} - {target_name}
+  if other:
+    raise SystemExit(f"{args.out}.jsonl holds read-outs on {sorted(other)}, this run's "
+                     f"target is {target_name!r}: choose another --out")
   teacher = artefacts.workdir_teacher(config, args.workdir)
   source = artefacts.load_source(config)
   total = len(source.images)
@@ -153,14 +172,11 @@ def main(argv=None) -> int:
     return transfer.probe_accuracies(args.readouts, f_train, target[1], f_test, target[3], p,
                                      args.seed)
 
-  lines = []
-  if os.path.exists(args.out + ".jsonl"):
-    with open(args.out + ".jsonl") as f:
-      lines = [json.loads(line) for line in f if line.strip()]
   done = {(l["kind"], set_of(l), l.get("n"), l.get("lr"), l.get("steps"))
           for l in lines}
 
   def record(line: dict) -> None:
+    line = dict(line, target=target_name)
     lines.append(line)
     with open(args.out + ".jsonl", "a") as f:
       f.write(json.dumps(line) + "\n")
@@ -274,6 +290,15 @@ def parse_formation(spec: str, pool: int, image_size: tuple[int, int]
     raise SystemExit(f"--multi_formation {spec}: {count} images, the pool "
                      f"outside the held-out ones has {pool}")
   return factor, n, full
+
+
+def shown_target(config) -> str:
+  """The config's target as "dataset|train|test", a dataset on disk named as a table
+  names it (the same folder given as a relative or an absolute path reads the same)."""
+  dataset, train_split, test_split = artefacts.parse_target(artefacts.main_target(config))
+  if os.path.exists(dataset):
+    dataset = table.shown_path(os.path.abspath(dataset))
+  return "|".join((dataset, train_split, test_split))
 
 
 def set_of(line: dict) -> str:
