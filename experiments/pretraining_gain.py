@@ -125,13 +125,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = load_config(args.config, args.set)
-  lines = []
-  if os.path.exists(args.out + ".jsonl"):
-    with open(args.out + ".jsonl") as f:
-      lines = [json.loads(line) for line in f if line.strip()]
+  lines = read_points(args.out + ".jsonl")
   # Points read on another target cannot share a report: refuse before any
-  # work (points written before the target was recorded carry none).
-  target_name = shown_target(config)
+  # work (points written before the target was recorded carry none). The
+  # dataset is named as the table names it, so a relative and an absolute
+  # path to one folder agree.
+  dataset, train_split, test_split = artefacts.parse_target(artefacts.main_target(config))
+  target_name = "|".join((table.target_label(dataset), train_split, test_split))
   other = {l["target"] for l in lines if "target" in l} - {target_name}
   if other:
     raise SystemExit(f"{args.out}.jsonl holds read-outs on {sorted(other)}, this run's "
@@ -292,13 +292,21 @@ def parse_formation(spec: str, pool: int, image_size: tuple[int, int]
   return factor, n, full
 
 
-def shown_target(config) -> str:
-  """The config's target as "dataset|train|test", a dataset on disk named as a table
-  names it (the same folder given as a relative or an absolute path reads the same)."""
-  dataset, train_split, test_split = artefacts.parse_target(artefacts.main_target(config))
-  if os.path.exists(dataset):
-    dataset = table.shown_path(os.path.abspath(dataset))
-  return "|".join((dataset, train_split, test_split))
+def read_points(path: str) -> list[dict]:
+  """The points an earlier run recorded (none if `path` does not exist), refusing a line
+  that is not JSON (a file cut short, or not this script's) with its number."""
+  if not os.path.exists(path):
+    return []
+  points = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          points.append(json.loads(line))
+        except json.JSONDecodeError:
+          raise SystemExit(f"{path}: line {number} is not a recorded point (not JSON); "
+                           f"mend or move the file") from None
+  return points
 
 
 def set_of(line: dict) -> str:
