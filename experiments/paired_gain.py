@@ -16,7 +16,8 @@ row's longest recorded run is taken on each seed (`--row_steps` /
 `--against_steps` name one length instead). The summary is the mean and the
 sample standard deviation (ddof = 1) of the per-seed differences, over the
 seeds whose file holds both rows; a seed missing either is listed, not
-guessed. All files must be read-outs on one target.
+guessed. All files must be read-outs on one target (a report that predates the
+recorded target is taken as that target, and the output says so).
 """
 
 from __future__ import annotations
@@ -127,13 +128,21 @@ def main(argv=None) -> int:
       raise SystemExit(f"--files: {path} does not exist")
     files[seed] = read_points(path)
     targets[seed] = target_of(files[seed])
-  if len(set(targets.values())) > 1:
+  # Reports written before points recorded their target name none: they pair with
+  # any one named target, and the report says which seeds those are.
+  named = set(targets.values()) - {""}
+  if len(named) > 1:
     raise SystemExit(f"--files: the reports were read on different targets: {targets}")
   pairs, missing = paired(files, row, against, args.readouts, args.row_steps,
                           args.against_steps)
   if not pairs:
     raise SystemExit(f"no seed holds both {args.row} and {args.against}")
-  print(report(pairs, missing, row, against, args.readouts, next(iter(targets.values()))), end="")
+  target = named.pop() if named else ""
+  unrecorded = [seed for seed, t in targets.items() if not t]
+  if target and unrecorded:
+    target += (f" (not recorded in the report of seed{'s' if len(unrecorded) > 1 else ''} "
+               f"{', '.join(unrecorded)})")
+  print(report(pairs, missing, row, against, args.readouts, target), end="")
   return 0
 
 

@@ -81,3 +81,13 @@ def test_refuses_what_it_cannot_pair(tmp_path, case, message):
           "nothing": ["--row", "kmeans:1000", "--files", f"0={a}"]}[case]
   with pytest.raises(SystemExit, match=message):
     paired_gain.main(args + ["--against", "random:1000"])
+
+
+def test_a_report_that_predates_the_target_field_pairs_with_a_named_one(tmp_path, capsys):
+  old = _write(tmp_path / "old.jsonl", [_student("mixed", 1000, 3006, 0.5, 0.6),
+                                        _student("random", 1000, 3000, 0.5, 0.6)])
+  new = _write(tmp_path / "new.jsonl", [_student("mixed", 1000, 3006, 0.5, 0.6, target="x|a|b"),
+                                        _student("random", 1000, 3000, 0.5, 0.6, target="x|a|b")])
+  assert paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
+                           "--files", f"1={old}", f"2={new}"]) == 0
+  assert "Target: x|a|b (not recorded in the report of seed 1)" in capsys.readouterr().out
