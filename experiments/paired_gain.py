@@ -48,8 +48,12 @@ def pick(points: list[dict], row: tuple[str, int], steps: int | None) -> dict | 
 
 
 def target_of(points: list[dict]) -> str:
-  """The one target a report's points were read on ('' where they predate the field)."""
-  names = {p.get("target", "") for p in points}
+  """The one target a report's points were read on ('' where none records it).
+
+  Points that predate the field sit beside later ones of the same report (a run
+  that resumed an older report: pretraining_gain.py refuses to add another target's).
+  """
+  names = {p.get("target", "") for p in points} - {""}
   if len(names) > 1:
     raise SystemExit(f"a report holds read-outs on several targets: {sorted(names)}")
   return names.pop() if names else ""

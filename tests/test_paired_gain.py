@@ -91,3 +91,6 @@ def test_a_report_that_predates_the_target_field_pairs_with_a_named_one(tmp_path
   assert paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
                            "--files", f"1={old}", f"2={new}"]) == 0
   assert "Target: x|a|b (not recorded in the report of seed 1)" in capsys.readouterr().out
+  # Older points beside newer ones in one report (a resumed run) read as its target.
+  assert paired_gain.target_of(paired_gain.read_points(old) + paired_gain.read_points(new)) \
+      == "x|a|b"
