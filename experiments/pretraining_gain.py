@@ -70,12 +70,15 @@ Imagenette-32, say) is a `--set` away and needs its own --out:
       --out experiments/results/multi_formation_mixed_n1000_seed1_imagenette32
 
 Writes <out>.jsonl (one line per point, appended as measured: a killed run
-keeps its points and resumes its students), <out>.md and <out>.png.
+keeps its points and resumes its students), <out>.md and <out>.png. Each
+point is also printed to stdout as it is measured; each student's training
+progress (loss, steps/s, ETA) goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -226,10 +229,12 @@ def main(argv=None) -> int:
           model = build_model(cfg.pretrain.arch)
         else:
           # One job name per (set, n, lr): the longer run resumes the shorter one.
-          model, variables = transfer.pretrain(
-              cfg.pretrain, x_set, y_set, args.seed, args.workdir,
-              f"gain_{'' if name == 'random' else name + '_'}n{n}_lr{lr:g}_seed{args.seed}",
-              kind=target_kind, quiet=True)
+          # Progress (steps/s, loss, ETA) goes to stderr: stdout carries the records.
+          with contextlib.redirect_stdout(sys.stderr):
+            model, variables = transfer.pretrain(
+                cfg.pretrain, x_set, y_set, args.seed, args.workdir,
+                f"gain_{'' if name == 'random' else name + '_'}n{n}_lr{lr:g}_seed{args.seed}",
+                kind=target_kind)
         seconds = time.perf_counter() - t0
         with_head = build_model(cfg.pretrain.arch, num_outputs=y_set.shape[1])
         predicted = lambda x: transfer.head_predictions(with_head, variables, x)
