@@ -60,6 +60,9 @@ def test_a_seed_without_both_rows_is_listed_not_paired(tmp_path):
                              atol=1e-9)
   # One seed has no spread: nan, not a misleading 0.
   assert np.isnan(paired_gain.summary(pairs[:1], "linear_probe_5pct")[1])
+  text = paired_gain.report(pairs[:1], [], ("mixed", 1000), ("random", 1000),
+                            ["linear_probe_5pct"], "")
+  assert "| one seed, no spread | | | +2.00 |" in text and "nan" not in text
 
 
 @pytest.mark.parametrize("case, message", [
