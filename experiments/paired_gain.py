@@ -102,12 +102,11 @@ def report(pairs, missing, row, against, readouts, target: str) -> str:
                  + f" | {p['row']['steps']} / {p['against']['steps']}"
                  + f" | {err(p['row'])} / {err(p['against'])} |")
   stats = [summary(pairs, r) for r in readouts]
-  if len(pairs) == 1:  # one seed has no spread to show
-    lines.append("| one seed, no spread | | | "
-                 + " / ".join(f"{m:+.2f}" for m, _ in stats) + " | | |")
-  else:
-    lines.append(f"| mean ± std ({len(pairs)} seeds) | | | "
-                 + " / ".join(f"{m:+.2f} ± {s:.2f}" for m, s in stats) + " | | |")
+  one = len(pairs) == 1  # one seed has no spread to show
+  label = "one seed, no spread" if one else f"mean ± std ({len(pairs)} seeds)"
+  lines.append(f"| {label} | | | "
+               + " / ".join(f"{m:+.2f}" + ("" if one else f" ± {s:.2f}") for m, s in stats)
+               + " | | |")
   if missing:
     lines.append(f"\nSeeds without both rows (left out): {', '.join(missing)}.")
   return "\n".join(lines) + "\n"
