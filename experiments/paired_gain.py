@@ -15,9 +15,11 @@ Each row is `SET:N` (the `set` and `n` of the recorded points); by default a
 row's longest recorded run is taken on each seed (`--row_steps` /
 `--against_steps` name one length instead). The summary is the mean and the
 sample standard deviation (ddof = 1) of the per-seed differences, over the
-seeds whose file holds both rows; a seed missing either is listed, not
-guessed. All files must be read-outs on one target (a report that predates the
-recorded target is taken as that target, and the output says so).
+seeds whose reports hold both rows; a seed missing either is listed, not
+guessed. A seed whose students ran apart names its reports comma-separated
+(`1=a.jsonl,b.jsonl`); their `none` and `teacher` read-outs must agree, as one
+seed's do. All files must be read-outs on one target (a report that predates
+the recorded target is taken as that target, and the output says so).
 """
 
 from __future__ import annotations
@@ -57,6 +59,37 @@ def target_of(points: list[dict]) -> str:
   if len(names) > 1:
     raise SystemExit(f"a report holds read-outs on several targets: {sorted(names)}")
   return names.pop() if names else ""
+
+
+def same_references(a: dict, b: dict) -> bool:
+  """Whether two read-outs of a reference agree on every read-out both hold (to 1e-4).
+
+  The `none` student of one seed is the same network read with the same label
+  draws, so its read-outs repeat across that seed's reports; another seed's
+  initialisation and draws move them by far more.
+  """
+  shared = set(a) & set(b)
+  return bool(shared) and all(abs(a[r] - b[r]) <= 1e-4 for r in shared)
+
+
+def read_seed(paths: list[str]) -> list[dict]:
+  """The points of one seed's reports (several where its students ran apart).
+
+  Refuses a path that does not exist, and reports whose `none` or `teacher`
+  read-outs disagree: those are not of one seed and target.
+  """
+  points, refs = [], {}
+  for path in paths:
+    if not os.path.exists(path):
+      raise SystemExit(f"--files: {path} does not exist")
+    for p in read_points(path):
+      if p["kind"] in ("none", "teacher"):
+        first = refs.setdefault(p["kind"], (path, p["readouts"]))
+        if not same_references(first[1], p["readouts"]):
+          raise SystemExit(f"{path}: its `{p['kind']}` read-outs differ from those in "
+                           f"{first[0]}: the reports are not of one seed and target")
+      points.append(p)
+  return points
 
 
 def paired(files: dict[str, list[dict]], row, against, readouts, row_steps=None,
@@ -116,8 +149,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--row", required=True, help="SET:N of the row (minuend)")
   parser.add_argument("--against", required=True, help="SET:N it is paired against")
-  parser.add_argument("--files", nargs="+", required=True, metavar="SEED=PATH",
-                      help="one pretraining_gain.py report (.jsonl) per seed")
+  parser.add_argument("--files", nargs="+", required=True, metavar="SEED=PATH[,PATH...]",
+                      help="each seed's pretraining_gain.py report(s) (.jsonl), comma-separated")
   parser.add_argument("--readouts", nargs="+", default=["linear_probe_5pct", "linear_probe"])
   parser.add_argument("--row_steps", type=int, default=None)
   parser.add_argument("--against_steps", type=int, default=None)
@@ -126,14 +159,12 @@ def main(argv=None) -> int:
   row, against = parse_row(args.row), parse_row(args.against)
   files, targets = {}, {}
   for spec in args.files:
-    seed, sep, path = spec.partition("=")
-    if not sep or not seed or not path:
-      raise SystemExit(f"--files {spec!r}: expected SEED=PATH")
+    seed, sep, paths = spec.partition("=")
+    if not sep or not seed or not paths:
+      raise SystemExit(f"--files {spec!r}: expected SEED=PATH[,PATH...]")
     if seed in files:
       raise SystemExit(f"--files: seed {seed} is given twice")
-    if not os.path.exists(path):
-      raise SystemExit(f"--files: {path} does not exist")
-    files[seed] = read_points(path)
+    files[seed] = read_seed(paths.split(","))
     targets[seed] = target_of(files[seed])
   # Reports written before points recorded their target name none: they pair with
   # any one named target, and the report says which seeds those are.

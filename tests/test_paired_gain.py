@@ -97,3 +97,19 @@ def test_a_report_that_predates_the_target_field_pairs_with_a_named_one(tmp_path
   # Older points beside newer ones in one report (a resumed run) read as its target.
   assert paired_gain.target_of(paired_gain.read_points(old) + paired_gain.read_points(new)) \
       == "x|a|b"
+
+
+def test_a_seed_may_name_several_reports_of_its_own(tmp_path, capsys):
+  none = dict(kind="none", readouts=dict(linear_probe_5pct=0.4, linear_probe=0.5))
+  a = _write(tmp_path / "a.jsonl", [none, _student("random", 1000, 3000, 0.55, 0.62)])
+  b = _write(tmp_path / "b.jsonl", [none, _student("mixed", 1000, 3000, 0.565, 0.63)])
+  assert paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
+                           "--files", f"0={a},{b}"]) == 0
+  assert "+1.50 / +1.00" in capsys.readouterr().out
+  # Another seed's `none` (another initialisation, other label draws) is refused.
+  other = _write(tmp_path / "c.jsonl", [dict(none, readouts=dict(linear_probe_5pct=0.41,
+                                                                 linear_probe=0.5)),
+                                        _student("mixed", 1000, 3000, 0.565, 0.63)])
+  with pytest.raises(SystemExit, match="not of one seed"):
+    paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
+                      "--files", f"0={a},{other}"])
