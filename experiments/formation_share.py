@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paired_gain import read_seed, target_of  # noqa: E402  (a sibling script)
-from pretraining_gain import set_of  # noqa: E402
+from pretraining_gain import formation_of, set_of  # noqa: E402
 
 from distill import files  # noqa: E402
 
@@ -47,10 +46,8 @@ def full_resolution_share(name: str, n: int, factor: int) -> int | None:
   """
   if name == "random":
     return n
-  match = re.fullmatch(r"random_mf(\d+)(?:_full(\d+))?", name)
-  if match is None or int(match.group(1)) != factor:
-    return None
-  return int(match.group(2) or 0)
+  formation = formation_of(name)
+  return formation[1] if formation is not None and formation[0] == factor else None
 
 
 def gather(points: list[dict], factor: int, n: int, steps: int) -> tuple[dict[int, dict], dict]:

@@ -83,6 +83,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -201,8 +202,8 @@ def main(argv=None) -> int:
     subset = pool[coresets.random_subset(len(pool), count, 5000 + args.seed)]
     x_mf = multi_formation.decode(multi_formation.encode(x_all[subset], factor, full),
                                   factor, full)
-    runs.append((f"random_mf{factor}" + (f"_full{full}" if full else ""), n, x_mf,
-                 teacher.features(x_mf), "teacher", []))
+    runs.append((formation_set_name(factor, full), n, x_mf, teacher.features(x_mf),
+                 "teacher", []))
   for name, s in saved:
     own = [float(s.extra["alpha"])] if args.set_lr and "alpha" in s.extra else []
     runs.append((name, len(s.images), s.images, s.targets, "learned", own))
@@ -295,6 +296,17 @@ def parse_formation(spec: str, pool: int, image_size: tuple[int, int]
     raise SystemExit(f"--multi_formation {spec}: {count} images, the pool "
                      f"outside the held-out ones has {pool}")
   return factor, n, full
+
+
+def formation_set_name(factor: int, full: int) -> str:
+  """The recorded `set` of a multi-formation row: `random_mf{F}`, or `random_mf{F}_full{K}`."""
+  return f"random_mf{factor}" + (f"_full{full}" if full else "")
+
+
+def formation_of(name: str) -> tuple[int, int] | None:
+  """(F, K) of a name `formation_set_name` wrote; None for any other set."""
+  match = re.fullmatch(r"random_mf(\d+)(?:_full(\d+))?", name)
+  return None if match is None else (int(match.group(1)), int(match.group(2) or 0))
 
 
 def read_points(path: str) -> list[dict]:
