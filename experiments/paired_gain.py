@@ -19,7 +19,8 @@ seeds whose reports hold both rows; a seed missing either is listed, not
 guessed. A seed whose students ran apart names its reports comma-separated
 (`1=a.jsonl,b.jsonl`); their `none` and `teacher` read-outs must agree, as one
 seed's do. All files must be read-outs on one target (a report that predates
-the recorded target is taken as that target, and the output says so).
+the recorded target is taken as that target, and the output names the seeds
+whose paired points do not record it).
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ def main(argv=None) -> int:
   if not pairs:
     raise SystemExit(f"no seed holds both {args.row} and {args.against}")
   target = named.pop() if named else ""
-  unrecorded = [seed for seed, t in targets.items() if not t]
+  # Judged on the two points paired, not the seed's reports: a seed may merge an old
+  # report (no target field) with a newer one, and the pair may come from the old.
+  unrecorded = [p["seed"] for p in pairs
+                if not (p["row"].get("target") and p["against"].get("target"))]
   if target and unrecorded:
     target += (f" (not recorded in the report of seed{'s' if len(unrecorded) > 1 else ''} "
                f"{', '.join(unrecorded)})")

@@ -113,3 +113,20 @@ def test_a_seed_may_name_several_reports_of_its_own(tmp_path, capsys):
   with pytest.raises(SystemExit, match="not of one seed"):
     paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
                       "--files", f"0={a},{other}"])
+
+
+def test_a_pair_from_a_merged_older_report_is_flagged_as_unrecorded(tmp_path, capsys):
+  # Seed 1's `random` sits in a report that predates the target field, its `mixed` in
+  # a newer one: the seed as a whole names a target, yet one point of its pair does not.
+  old = _write(tmp_path / "old.jsonl", [_student("random", 1000, 3000, 0.55, 0.62)])
+  new = _write(tmp_path / "new.jsonl", [_student("mixed", 1000, 3000, 0.56, 0.63,
+                                                 target="x|a|b")])
+  both = _write(tmp_path / "both.jsonl", [
+      _student("mixed", 1000, 3000, 0.56, 0.63, target="x|a|b"),
+      _student("random", 1000, 3000, 0.55, 0.62, target="x|a|b")])
+  assert paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
+                           "--files", f"1={old},{new}", f"2={both}"]) == 0
+  assert "Target: x|a|b (not recorded in the report of seed 1)" in capsys.readouterr().out
+  assert paired_gain.main(["--row", "mixed:1000", "--against", "random:1000",
+                           "--files", f"2={both}"]) == 0
+  assert "Target: x|a|b; " in capsys.readouterr().out
